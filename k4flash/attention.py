@@ -1,0 +1,66 @@
+"""The DiT's small math kernels: sinusoid frequencies, 3D RoPE and joint attention.
+
+Kept in one place so the model, the tensor-parallel plan and the tests share one
+definition of each formula (SPEC: "DiT forward", steps 1 and 4).
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def sinusoid_freqs(num_freqs: int, max_period: float = 10000.0) -> torch.Tensor:
+    """exp(-ln(max_period) * k / num_freqs) for k = 0..num_freqs-1, float32.
+
+    The operation order matches the official code bit for bit (it matters for the
+    time embedding, whose arguments reach ~1000 rad).
+    """
+    k = torch.arange(start=0, end=num_freqs, dtype=torch.float32)
+    return torch.exp(-math.log(max_period) * k / num_freqs)
+
+
+def rope_angle_table(axis_dim: int, max_pos: int = 128) -> torch.Tensor:
+    """Angles pos * freq for one RoPE axis: (max_pos, axis_dim // 2), float32."""
+    pos = torch.arange(max_pos, dtype=torch.float32)
+    return torch.outer(pos, sinusoid_freqs(axis_dim // 2))
+
+
+def rope_cos_sin(angle_tables, grid):
+    """cos and sin of the RoPE angles for every token of a (F, H, W) patch grid.
+
+    angle_tables: one (max_pos, d_a/2) table per axis; grid: (F, H, W) in patch units.
+    Returns two (F*H*W, head_dim/2) float32 tensors, token order (f, h, w) row-major,
+    angles concatenated in axis order (frame, row, column).
+    """
+    sizes = tuple(grid)
+    for size, table in zip(sizes, angle_tables):
+        if size > table.shape[0]:
+            raise ValueError(f"RoPE supports at most {table.shape[0]} positions per axis, got grid {sizes}")
+    f, h, w = sizes
+    per_axis = [table[:size] for table, size in zip(angle_tables, sizes)]
+    angles = torch.cat([
+        per_axis[0][:, None, None, :].expand(f, h, w, -1),
+        per_axis[1][None, :, None, :].expand(f, h, w, -1),
+        per_axis[2][None, None, :, :].expand(f, h, w, -1),
+    ], dim=-1).reshape(f * h * w, -1)  # (N, head_dim/2)
+    return torch.cos(angles), torch.sin(angles)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (x[2i], x[2i+1]) by the given angles, in float32.
+
+    x: (..., N, head_dim); cos, sin: (N, head_dim/2). Returns x's dtype.
+    """
+    pairs = x.float().unflatten(-1, (-1, 2))  # (..., N, head_dim/2, 2)
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+def joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Non-causal softmax attention over all tokens of each sequence, no mask.
+
+    q, k, v: (B, heads, N, head_dim). SDPA picks the flash / memory-efficient
+    kernel on GPU; scale is 1/sqrt(head_dim) (SDPA's default).
+    """
+    return F.scaled_dot_product_attention(q, k, v)

@@ -1,0 +1,50 @@
+"""Video geometry and request validation (SPEC: "Video geometry").
+
+Everything here is cheap and runs before any weights load, so bad input fails in
+milliseconds with a one-line message naming the value and what is allowed.
+"""
+from .dit import ROPE_MAX_POSITIONS
+
+RESOLUTIONS = {
+    512: ((512, 512), (352, 736), (736, 352), (384, 672), (672, 384), (480, 544), (544, 480)),
+}
+LATENT_CHANNELS = 16
+VAE_SPATIAL_FACTOR = 8
+FPS = 8
+MAX_TIME_LENGTH = (ROPE_MAX_POSITIONS - 1) // 2  # F = 2·time_length + 1 latent frames ≤ 128 RoPE positions
+
+
+def num_latent_frames(time_length: int) -> int:
+    """Latent frames for a clip of `time_length` seconds; 0 means a single image."""
+    return time_length * 8 // 4 + 1
+
+
+def num_video_frames(latent_frames: int) -> int:
+    """Frames the CogVideoX VAE decodes from `latent_frames` latent frames."""
+    return 4 * (latent_frames - 1) + 1
+
+
+def latent_shape(time_length: int, height: int, width: int) -> tuple:
+    """(F, H/8, W/8, 16), the channel-last latent shape of one video."""
+    return (num_latent_frames(time_length), height // VAE_SPATIAL_FACTOR, width // VAE_SPATIAL_FACTOR, LATENT_CHANNELS)
+
+
+def validate_resolution(resolution: int) -> None:
+    if resolution not in RESOLUTIONS:
+        raise ValueError(f"resolution={resolution!r} is not supported; allowed: {sorted(RESOLUTIONS)}")
+
+
+def validate_request(prompt, time_length, height, width, resolution: int = 512) -> None:
+    """Raise ValueError (one line) for a prompt/duration/size the model cannot generate."""
+    validate_resolution(resolution)
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"prompt={prompt!r} is empty; give a non-empty text prompt")
+    if isinstance(time_length, bool) or not isinstance(time_length, int):
+        raise ValueError(f"time_length={time_length!r} must be a whole number of seconds (0 = one image)")
+    if not 0 <= time_length <= MAX_TIME_LENGTH:
+        raise ValueError(f"time_length={time_length} is out of range; allowed: 0..{MAX_TIME_LENGTH} seconds "
+                         f"(0 = one image; RoPE covers {ROPE_MAX_POSITIONS} latent frames)")
+    if (height, width) not in RESOLUTIONS[resolution]:
+        allowed = ", ".join(f"{h}x{w}" for h, w in RESOLUTIONS[resolution])
+        raise ValueError(f"height x width = {height}x{width} is not allowed at resolution {resolution}; "
+                         f"allowed (height x width): {allowed}")

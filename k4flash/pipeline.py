@@ -1,0 +1,245 @@
+"""Text → video: the Kandinsky 4.0 T2V Flash pipeline and the model card's entry point.
+
+`Kandinsky4T2VPipeline.__call__` reads as numbered stages: validate → encode text →
+prepare latents → denoise → decode → write. Everything rank-related is injected
+(`broadcast`, `is_main`): with the defaults it is the one-process pipeline.
+"""
+import contextlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+import torch
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
+
+from .dit import PUBLISHED_DIT_PARAMS
+from .geometry import FPS, latent_shape, num_latent_frames, validate_request, validate_resolution
+from .sampler import Schedule, load_schedule, sample
+from .vae import decode_latents
+from .video import frames_to_pil, write_json_atomic, write_mp4, write_png, write_safetensors_atomic
+from .weights import load_dit, resolve_weight_paths
+
+TEXT_TOKENS = 224
+DEVICE_KEYS = ("dit", "vae", "text_embedder")
+
+
+def default_dtype(device) -> torch.dtype:
+    """bf16 on accelerators (as the official code runs), float32 on CPU."""
+    return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+
+
+def normalize_device_map(device_map) -> dict:
+    if isinstance(device_map, dict):
+        unknown = set(device_map) - set(DEVICE_KEYS)
+        missing = set(DEVICE_KEYS) - set(device_map)
+        if unknown or missing:
+            raise ValueError(f"device_map keys {sorted(device_map)} must be exactly {list(DEVICE_KEYS)}")
+        return {key: torch.device(device_map[key]) for key in DEVICE_KEYS}
+    return {key: torch.device(device_map) for key in DEVICE_KEYS}
+
+
+def _synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def derived_path(save_path, suffix) -> Path:
+    """`video.mp4` → `video<suffix>` (e.g. `.json`, `.latents.safetensors`)."""
+    save_path = Path(save_path)
+    return save_path.with_name(save_path.stem + suffix)
+
+
+@dataclass
+class Generation:
+    request: dict  # prompt, seed, time_length, width, height
+    latents: torch.Tensor  # (F, h, w, 16) float32
+    frames: object  # (T, H, W, 3) uint8 on the main rank, else None
+    timings: dict
+
+
+class Kandinsky4T2VPipeline:
+    def __init__(self, device_map, dit, text_encoder, vae, schedule: Schedule, resolution=512, dtype=None,
+                 noise_dtype=torch.bfloat16, is_main=True, broadcast=None, text_dim=None, metadata=None):
+        validate_resolution(resolution)
+        self.device_map = normalize_device_map(device_map)
+        self.dit = dit
+        self.text_encoder = text_encoder  # None on ranks that do not encode
+        self.vae = vae  # None on ranks that do not decode
+        self.schedule = schedule
+        self.resolution = resolution
+        self.dtype = dtype or default_dtype(self.device_map["dit"])
+        self.noise_dtype = noise_dtype
+        self.is_main = is_main
+        self.broadcast = broadcast  # callable(tensor) -> tensor from the main rank, for multi-rank runs
+        self.text_dim = text_dim or (text_encoder.d_model if text_encoder is not None else None)
+        self.metadata = dict(metadata or {})
+
+    def _autocast(self):
+        # The official code runs the bf16 DiT under autocast (LayerNorms in float32); do the same.
+        device = self.device_map["dit"]
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.dtype)
+
+    def encode_text(self, text: str) -> torch.Tensor:
+        """(1, 224, d_model) on the DiT device in the DiT dtype; the main rank encodes, others receive."""
+        device = self.device_map["dit"]
+        if self.text_encoder is not None:
+            embed = self.text_encoder([text]).to(device=device, dtype=self.dtype)
+        else:
+            embed = torch.empty(1, TEXT_TOKENS, self.text_dim, device=device, dtype=self.dtype)
+        if self.broadcast is not None:
+            embed = self.broadcast(embed)
+        return embed
+
+    @torch.no_grad()
+    def denoise(self, text_embed, shape, seed, progress=True) -> torch.Tensor:
+        """Final latents (F, h, w, 16), float32, for one video."""
+        device = self.device_map["dit"]
+
+        def velocity(latent, timestep):
+            t = torch.full((1,), float(timestep), device=device)
+            with self._autocast():
+                return self.dit(latent[None].to(self.dtype), text_embed, t)[0]
+
+        bar = tqdm(total=len(self.schedule.timesteps), desc="denoise", disable=not (progress and self.is_main))
+        latents = sample(velocity, shape, self.schedule, seed, device=device, noise_dtype=self.noise_dtype,
+                         on_step=lambda *_: bar.update(1))
+        bar.close()
+        return latents
+
+    @torch.no_grad()
+    def generate(self, text: str, time_length: int = 12, width: int = 512, height: int = 512, seed: int = None,
+                 progress: bool = True) -> Generation:
+        """Stages 1-5: validate, encode, prepare latents, denoise, decode. Frames only on the main rank."""
+        # 1. Validate the request before any work.
+        validate_request(text, time_length, height, width, self.resolution)
+        if seed is None:
+            seed = int(torch.randint(2**63 - 1, (1,)).item())
+            if self.broadcast is not None:
+                seed = int(self.broadcast(torch.tensor([seed], device=self.device_map["dit"])).item())
+        timings = {}
+        clock = time.perf_counter()
+
+        # 2. Encode the prompt (224 tokens, no attention mask).
+        text_embed = self.encode_text(text)
+        _synchronize(self.device_map["dit"])
+        timings["text_encode_s"] = time.perf_counter() - clock
+
+        # 3. Prepare the latent geometry: (F, H/8, W/8, 16).
+        shape = latent_shape(time_length, height, width)
+
+        # 4. Denoise: 4 renoise steps of the DiT.
+        clock = time.perf_counter()
+        latents = self.denoise(text_embed, shape, seed, progress=progress)
+        _synchronize(self.device_map["dit"])
+        timings["denoise_s"] = time.perf_counter() - clock
+        frames = None
+        if self.is_main:
+            # 5. Decode with the VAE (2 latent frames per batch, 1 for images).
+            clock = time.perf_counter()
+            frames = decode_latents(self.vae, latents)[0]  # (T, H, W, 3) uint8
+            timings["decode_s"] = time.perf_counter() - clock
+        request = {"prompt": text, "seed": seed, "time_length": time_length, "width": width, "height": height}
+        return Generation(request, latents, frames, timings)
+
+    def write_outputs(self, generation: Generation, save_path, save_latents=False, overwrite=True,
+                      extra_metadata=None) -> Path:
+        """Stage 6 (main rank): MP4 (PNG for an image), optional latents, JSON sidecar; each file atomic.
+
+        Returns the path of the video (or image) written.
+        """
+        clock = time.perf_counter()
+        save_path = Path(save_path)
+        frames = generation.frames
+        if save_latents:
+            write_safetensors_atomic(derived_path(save_path, ".latents.safetensors"),
+                                     {"latents": generation.latents.cpu().contiguous()}, overwrite=overwrite)
+        if generation.request["time_length"] == 0:
+            save_path = save_path.with_suffix(".png")
+            write_png(save_path, frames[0], overwrite=overwrite)
+        else:
+            write_mp4(save_path, frames, fps=FPS, overwrite=overwrite)
+        timings = dict(generation.timings, write_s=time.perf_counter() - clock)
+        sidecar = {
+            **generation.request, "resolution": self.resolution,
+            "latent_frames": num_latent_frames(generation.request["time_length"]),
+            "video_frames": int(frames.shape[0]), "fps": FPS, "dtype": str(self.dtype).replace("torch.", ""),
+            "timesteps": list(self.schedule.timesteps), "timings": timings,
+            **self.metadata, **(extra_metadata or {}),
+        }
+        write_json_atomic(derived_path(save_path, ".json"), sidecar, overwrite=overwrite)
+        return save_path
+
+    @torch.no_grad()
+    def __call__(self, text: str, save_path="./test.mp4", bs: int = 1, time_length: int = 12, width: int = 512,
+                 height: int = 512, seed: int = None, return_frames: bool = False, save_latents: bool = False,
+                 overwrite: bool = True, progress: bool = True):
+        """The official call: writes `save_path` (MP4 + JSON sidecar) and returns its path, or returns the
+        frames as PIL images when `return_frames=True` or `time_length=0` (a one-image list)."""
+        if bs != 1:
+            raise ValueError(f"bs={bs} is not supported; the distilled pipeline generates one video per call (bs=1)")
+        generation = self.generate(text, time_length, width, height, seed, progress)
+        if not self.is_main:
+            return None
+        if return_frames or time_length == 0:
+            return frames_to_pil(generation.frames)
+        return self.write_outputs(generation, save_path, save_latents=save_latents, overwrite=overwrite)
+
+
+def _conf_from_official_yaml(conf_path):
+    """Paths and DiT params from the official pipeline conf (OmegaConf YAML)."""
+    conf = OmegaConf.load(conf_path)
+    try:
+        return {
+            "dit_params": OmegaConf.to_container(conf.dit.params),
+            "dit_path": conf.dit.checkpoint_path,
+            "scheduler_path": conf.dit.scheduler,
+            "vae_path": conf.vae.checkpoint_path,
+            "text_encoder_path": conf.text_embedder.params.checkpoint_path,
+            "tokenizer_path": conf.text_embedder.params.tokenizer_path,
+            "max_length": int(conf.text_embedder.get("tokens_lenght", TEXT_TOKENS)),
+        }
+    except Exception as err:  # omegaconf raises several key/attribute errors
+        raise ValueError(f"conf_path {conf_path} is not an official pipeline conf: {err}".splitlines()[0]) from err
+
+
+def get_T2V_pipeline(device_map: Union[str, torch.device, dict], resolution: int = 512, cache_dir: str = "./weights/",
+                     dit_path: str = None, text_encoder_path: str = None, tokenizer_path: str = None,
+                     vae_path: str = None, scheduler_path: str = None, conf_path: str = None, *,
+                     dit_params: dict = None, dtype: torch.dtype = None, download: bool = True,
+                     noise_dtype: torch.dtype = torch.bfloat16) -> Kandinsky4T2VPipeline:
+    """The model card's entry point: resolve weights, load T5, DiT and VAE, return the pipeline.
+
+    Missing weights are fetched from the Hub when online (`download=True`), else a
+    FileNotFoundError names the missing file and where to put it.
+    """
+    from .text_encoder import T5TextEncoder
+    from .vae import load_vae
+
+    validate_resolution(resolution)
+    device_map = normalize_device_map(device_map)
+    max_length = TEXT_TOKENS
+    if conf_path is not None:
+        conf = _conf_from_official_yaml(conf_path)
+        max_length = conf.pop("max_length")
+        dit_params = dit_params or conf.pop("dit_params")
+        dit_path, scheduler_path, vae_path, text_encoder_path, tokenizer_path = (
+            dit_path or conf["dit_path"], scheduler_path or conf["scheduler_path"], vae_path or conf["vae_path"],
+            text_encoder_path or conf["text_encoder_path"], tokenizer_path or conf["tokenizer_path"])
+    dit_params = dict(dit_params or PUBLISHED_DIT_PARAMS)
+    paths = resolve_weight_paths(cache_dir, dit_path, text_encoder_path, tokenizer_path, vae_path, scheduler_path,
+                                 download=download)
+    dtype = dtype or default_dtype(device_map["dit"])
+
+    schedule = load_schedule(paths.scheduler)
+    dit = load_dit(dit_params, paths.dit, device=device_map["dit"], dtype=dtype)
+    text_encoder = T5TextEncoder(paths.text_encoder, paths.tokenizer, max_length=max_length,
+                                 device=device_map["text_embedder"], dtype=dtype)
+    if text_encoder.d_model != dit_params["in_text_dim"]:
+        raise ValueError(f"text encoder width {text_encoder.d_model} != DiT in_text_dim {dit_params['in_text_dim']}")
+    vae = load_vae(paths.vae, device=device_map["vae"], dtype=dtype)
+    return Kandinsky4T2VPipeline(device_map, dit, text_encoder, vae, schedule, resolution=resolution, dtype=dtype,
+                                 noise_dtype=noise_dtype)

@@ -1,0 +1,82 @@
+"""`run_inference_distil.py` as a user runs it: Hydra overrides, outputs, one-line errors."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from k4flash.cli import strip_launcher_args
+
+ENTRY = Path(__file__).resolve().parents[1] / "run_inference_distil.py"
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tiny_weights, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("k4cache")
+    (cache / "tiny-v1").symlink_to(tiny_weights, target_is_directory=True)
+    return cache
+
+
+def run_cli(cwd, cache_dir, *overrides, timeout=300):
+    env = dict(os.environ, K4FLASH_CACHE=str(cache_dir), HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, str(ENTRY), *overrides], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_tiny_image_run_writes_image_latents_and_sidecar(tmp_path, cache_dir):
+    result = run_cli(tmp_path, cache_dir, "model=tiny", "time_length=0", "width=512", "height=512", "seed=3",
+                     "save_path=out/pic.mp4", "save_latents=true", "progress=false")
+    assert result.returncode == 0, result.stderr
+    assert "UNTRAINED" in result.stdout + result.stderr
+    assert (tmp_path / "out/pic.png").exists()
+    sidecar = json.loads((tmp_path / "out/pic.json").read_text())
+    assert sidecar["model"] == "tiny" and sidecar["untrained"] is True and sidecar["seed"] == 3
+    assert sidecar["config"]["time_length"] == 0 and "load_s" in sidecar["timings"]
+    assert (tmp_path / "out/pic.latents.safetensors").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("height=500", "height x width = 500x672 is not allowed"),
+    ("time_length=-2", "time_length=-2 is out of range"),
+    ("prompt=' '", "prompt=' ' is empty"),
+    ("dtype=float8", "dtype='float8' is not supported"),
+])
+def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, cache_dir, override, message):
+    result = run_cli(tmp_path, cache_dir, "model=tiny", override, "save_path=out/v.mp4")
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_weights_dir_names_the_file(tmp_path, cache_dir):
+    result = run_cli(tmp_path, cache_dir, f"weights_dir={tmp_path / 'nowhere'}", "save_path=v.mp4")
+    assert result.returncode == 2
+    assert "kandinsky4_distil_512.pt" in result.stderr and "ai-forever/kandinsky-4-t2v-flash" in result.stderr
+
+
+def test_existing_output_is_not_clobbered(tmp_path, cache_dir):
+    (tmp_path / "v.png").write_bytes(b"keep")
+    result = run_cli(tmp_path, cache_dir, "model=tiny", "time_length=0", "width=512", "height=512", "save_path=v.mp4")
+    assert result.returncode == 2 and "overwrite=true" in result.stderr
+    assert (tmp_path / "v.png").read_bytes() == b"keep"
+
+
+def test_typo_in_override_fails_with_hydra_message(tmp_path, cache_dir):
+    result = run_cli(tmp_path, cache_dir, "model=tiny", "time_lenght=3")
+    assert result.returncode != 0 and "time_lenght" in result.stderr
+
+
+def test_launcher_local_rank_is_accepted_and_cfg_job_prints_config(tmp_path, cache_dir):
+    result = run_cli(tmp_path, cache_dir, "--local-rank=0", "model=tiny", "--cfg", "job")
+    assert result.returncode == 0, result.stderr
+    assert "time_length: 1" in result.stdout and "name: tiny" in result.stdout
+
+
+def test_strip_launcher_args(monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    argv = ["prog", "--local-rank=3", "seed=1", "--local_rank", "3", "prompt=x"]
+    strip_launcher_args(argv)
+    assert argv == ["prog", "seed=1", "prompt=x"] and os.environ["LOCAL_RANK"] == "3"

@@ -1,0 +1,172 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import k4flash.video as video
+from k4flash.video import (
+    frames_to_pil,
+    read_mp4_frames,
+    read_mp4_metadata,
+    write_json_atomic,
+    write_mp4,
+    write_png,
+    write_safetensors_atomic,
+)
+
+
+def smooth_frames(num_frames=9, height=64, width=96):
+    """Moving colour gradients: smooth content survives yuv420p chroma subsampling almost exactly."""
+    t = np.arange(num_frames)[:, None, None]
+    y = np.arange(height)[None, :, None]
+    x = np.arange(width)[None, None, :]
+    red = 40 + 2 * x + 3 * t
+    green = 30 + 2 * y + 5 * t
+    blue = 200 - x - y + 0 * t
+    return np.stack(np.broadcast_arrays(red, green, blue), axis=-1).clip(0, 255).astype(np.uint8)  # (T, H, W, 3)
+
+
+def test_mp4_round_trip_is_h264_yuv420p_at_8_fps(tmp_path):
+    frames = smooth_frames()
+    path = write_mp4(tmp_path / "clip.mp4", frames, crf=0)
+    meta = read_mp4_metadata(path)
+    assert meta["codec"] == "h264"
+    assert meta["pix_fmt"].startswith("yuv420p")
+    assert meta["fps"] == 8
+    back = read_mp4_frames(path)
+    assert back.shape == frames.shape and back.dtype == np.uint8
+    assert np.abs(back.astype(int) - frames.astype(int)).mean() < 3  # ≈ 1.4 here: RGB↔YUV rounding and chroma subsampling
+
+
+def test_mp4_default_crf_is_near_lossless_and_accepts_tensors(tmp_path):
+    frames = torch.from_numpy(smooth_frames())
+    path = write_mp4(tmp_path / "clip.mp4", frames)
+    back = read_mp4_frames(path)
+    assert back.shape == tuple(frames.shape)
+    assert np.abs(back.astype(int) - frames.numpy().astype(int)).mean() < 3
+
+
+def test_mp4_keeps_sizes_that_are_not_multiples_of_16(tmp_path):
+    frames = smooth_frames(num_frames=5, height=40, width=72)  # multiples of 8 only
+    back = read_mp4_frames(write_mp4(tmp_path / "clip.mp4", frames, crf=0))
+    assert back.shape == (5, 40, 72, 3)
+
+
+def test_mp4_single_frame(tmp_path):
+    back = read_mp4_frames(write_mp4(tmp_path / "one.mp4", smooth_frames(num_frames=1)))
+    assert back.shape == (1, 64, 96, 3)
+
+
+def test_writers_leave_no_temp_files_and_create_parents(tmp_path):
+    target = tmp_path / "a" / "b" / "clip.mp4"
+    write_mp4(target, smooth_frames(num_frames=3))
+    write_json_atomic(target.with_suffix(".json"), {"x": 1})
+    write_safetensors_atomic(target.with_suffix(".safetensors"), {"z": torch.zeros(2)})
+    write_png(target.with_suffix(".png"), smooth_frames(num_frames=1)[0])
+    assert sorted(p.name for p in target.parent.iterdir()) == ["clip.json", "clip.mp4", "clip.png", "clip.safetensors"]
+
+
+def test_overwrite_false_raises_and_keeps_old_file(tmp_path):
+    target = tmp_path / "clip.mp4"
+    write_mp4(target, smooth_frames(num_frames=3), overwrite=False)  # a new file is fine
+    before = target.read_bytes()
+    with pytest.raises(FileExistsError, match="clip.mp4"):
+        write_mp4(target, smooth_frames(num_frames=5), overwrite=False)
+    assert target.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["clip.mp4"]
+    write_mp4(target, smooth_frames(num_frames=5), overwrite=True)
+    assert read_mp4_frames(target).shape[0] == 5
+
+
+def test_failing_writer_leaves_nothing(tmp_path, monkeypatch):
+    real_write_frames = video.imageio_ffmpeg.write_frames
+
+    def failing_write_frames(*args, **kwargs):
+        writer = real_write_frames(*args, **kwargs)  # the real ffmpeg, writing the real temp file
+
+        def generator():
+            writer.send(None)
+            try:
+                for _ in range(2):
+                    writer.send((yield))
+                raise OSError("disk full (simulated)")
+            finally:
+                writer.close()
+
+        return generator()
+
+    monkeypatch.setattr(video.imageio_ffmpeg, "write_frames", failing_write_frames)
+    target = tmp_path / "clip.mp4"
+    with pytest.raises(OSError, match="simulated"):
+        write_mp4(target, smooth_frames())
+    assert list(tmp_path.iterdir()) == []
+
+    # An existing file survives a failed overwrite untouched.
+    target.write_bytes(b"old")
+    with pytest.raises(OSError, match="simulated"):
+        write_mp4(target, smooth_frames())
+    assert target.read_bytes() == b"old" and list(tmp_path.iterdir()) == [target]
+
+
+@pytest.mark.parametrize(
+    "frames, message",
+    [
+        (np.zeros((3, 64, 96, 3), dtype=np.float32), "uint8"),
+        (np.zeros((64, 96, 3), dtype=np.uint8), r"\(T, H, W, 3\)"),
+        (np.zeros((3, 64, 96, 4), dtype=np.uint8), r"\(T, H, W, 3\)"),
+        (np.zeros((3, 63, 96, 3), dtype=np.uint8), "even"),
+    ],
+)
+def test_mp4_rejects_bad_frames_before_writing(tmp_path, frames, message):
+    with pytest.raises(ValueError, match=message):
+        write_mp4(tmp_path / "clip.mp4", frames)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_json_atomic(tmp_path):
+    target = tmp_path / "meta.json"
+    write_json_atomic(target, {"path": tmp_path, "n": 3}, overwrite=False)
+    assert json.loads(target.read_text()) == {"path": str(tmp_path), "n": 3}
+    assert target.read_text().startswith('{\n  "')  # indent=2
+    with pytest.raises(FileExistsError):
+        write_json_atomic(target, {"n": 4}, overwrite=False)
+    assert json.loads(target.read_text())["n"] == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["meta.json"]
+
+
+def test_json_atomic_failure_leaves_nothing(tmp_path):
+    class Unserialisable:
+        def __str__(self):
+            raise RuntimeError("cannot stringify")
+
+    with pytest.raises(RuntimeError):
+        write_json_atomic(tmp_path / "meta.json", {"x": Unserialisable()})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_safetensors_atomic_round_trip(tmp_path):
+    latents = torch.randn(3, 8, 12, 16).permute(0, 3, 1, 2)  # non-contiguous view
+    target = write_safetensors_atomic(tmp_path / "latents.safetensors", {"latents": latents})
+    assert torch.equal(load_file(target)["latents"], latents)
+    with pytest.raises(FileExistsError):
+        write_safetensors_atomic(target, {"latents": latents}, overwrite=False)
+
+
+def test_png_is_lossless(tmp_path):
+    from PIL import Image
+
+    frame = smooth_frames(num_frames=1)[0]
+    target = write_png(tmp_path / "image.png", frame)
+    assert np.array_equal(np.asarray(Image.open(target).convert("RGB")), frame)
+    with pytest.raises(ValueError, match="one frame"):
+        write_png(tmp_path / "two.png", smooth_frames(num_frames=2))
+
+
+def test_frames_to_pil():
+    frames = smooth_frames(num_frames=2)
+    images = frames_to_pil(torch.from_numpy(frames))
+    assert len(images) == 2
+    assert images[0].mode == "RGB" and images[0].size == (96, 64)
+    assert np.array_equal(np.asarray(images[1]), frames[1])

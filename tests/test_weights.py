@@ -1,0 +1,77 @@
+"""Strict, validated DiT loading and weight-path resolution."""
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from k4flash.tiny import TINY_DIT_PARAMS, tiny_dit_state_dict
+from k4flash.weights import CheckpointError, DERIVED_KEYS, load_dit, resolve_weight_paths
+
+
+@pytest.fixture(scope="module")
+def state():
+    return tiny_dit_state_dict(0)
+
+
+def _save(tmp_path, state, name="dit.pt"):
+    path = tmp_path / name
+    torch.save(state, path)
+    return path
+
+
+def test_load_round_trip_with_and_without_rope_buffers(tmp_path, state):
+    with_rope = load_dit(TINY_DIT_PARAMS, _save(tmp_path, state, "a.pt"))
+    without = {k: v for k, v in state.items() if k not in DERIVED_KEYS}
+    without_rope = load_dit(TINY_DIT_PARAMS, _save(tmp_path, without, "b.pt"))
+    for key, value in state.items():
+        torch.testing.assert_close(with_rope.state_dict()[key], value, rtol=0, atol=0)
+        torch.testing.assert_close(without_rope.state_dict()[key], value, rtol=0, atol=0)
+    assert not with_rope.training and not any(p.requires_grad for p in with_rope.parameters())
+
+
+def test_safetensors_checkpoint_loads_the_same(tmp_path, state):
+    path = tmp_path / "dit.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    model = load_dit(TINY_DIT_PARAMS, path)
+    torch.testing.assert_close(model.state_dict()["out_layer.out_layer.weight"], state["out_layer.out_layer.weight"])
+
+
+def test_missing_key_is_named(tmp_path, state):
+    broken = dict(state)
+    del broken["transformer_blocks.0.1.feed_forward.in_layer.bias"]
+    with pytest.raises(CheckpointError, match=r"missing 1 key.*transformer_blocks\.0\.1\.feed_forward\.in_layer\.bias"):
+        load_dit(TINY_DIT_PARAMS, _save(tmp_path, broken))
+
+
+def test_unexpected_key_is_named(tmp_path, state):
+    broken = dict(state, **{"transformer_blocks.1.0.self_attention_norm.weight": torch.ones(128)})
+    with pytest.raises(CheckpointError, match=r"unexpected key.*transformer_blocks\.1\.0\.self_attention_norm\.weight"):
+        load_dit(TINY_DIT_PARAMS, _save(tmp_path, broken))
+
+
+def test_misshaped_key_names_both_shapes(tmp_path, state):
+    broken = dict(state, **{"text_embeddings.in_layer.weight": torch.ones(128, 64)})
+    with pytest.raises(CheckpointError, match=r"text_embeddings\.in_layer\.weight.*\(128, 64\).*\(128, 32\)"):
+        load_dit(TINY_DIT_PARAMS, _save(tmp_path, broken))
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path, state):
+    path = _save(tmp_path, state)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="cannot read DiT checkpoint"):
+        load_dit(TINY_DIT_PARAMS, path)
+
+
+def test_pickled_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"weights": torch.ones(1), "payload": print}, path)  # a non-tensor global: weights_only refuses it
+    with pytest.raises(CheckpointError):
+        load_dit(TINY_DIT_PARAMS, path)
+
+
+def test_missing_weights_name_the_file_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match=r"dit weights not found at .*kandinsky4_distil_512\.pt"):
+        resolve_weight_paths(tmp_path)
+    (tmp_path / "kandinsky4_distil_512.pt").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"vae weights not found at .*vae"):
+        resolve_weight_paths(tmp_path)
