@@ -5,6 +5,7 @@ prepare latents → denoise → decode → write. Everything rank-related is inj
 (`broadcast`, `is_main`): with the defaults it is the one-process pipeline.
 """
 import contextlib
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,12 +211,22 @@ def get_T2V_pipeline(device_map: Union[str, torch.device, dict], resolution: int
                      dit_path: str = None, text_encoder_path: str = None, tokenizer_path: str = None,
                      vae_path: str = None, scheduler_path: str = None, conf_path: str = None, *,
                      dit_params: dict = None, dtype: torch.dtype = None, download: bool = True,
-                     noise_dtype: torch.dtype = torch.bfloat16) -> Kandinsky4T2VPipeline:
+                     noise_dtype: torch.dtype = torch.bfloat16, load_dit_fn=None, is_main: bool = True,
+                     broadcast=None) -> Kandinsky4T2VPipeline:
     """The model card's entry point: resolve weights, load T5, DiT and VAE, return the pipeline.
 
     Missing weights are fetched from the Hub when online (`download=True`), else a
-    FileNotFoundError names the missing file and where to put it.
+    FileNotFoundError names the missing file and where to put it. Under a multi-rank
+    launcher (WORLD_SIZE > 1) the DiT is sharded across the ranks (parallel/).
+    The keyword hooks are how parallel/ builds a rank's pipeline: `load_dit_fn(params,
+    path, device, dtype)` loads the DiT, `is_main=False` skips T5 and the VAE, and
+    `broadcast(tensor)` shares the main rank's text embedding.
     """
+    if load_dit_fn is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from parallel.build import get_parallel_T2V_pipeline
+        return get_parallel_T2V_pipeline(
+            device_map, resolution, cache_dir, dit_path, text_encoder_path, tokenizer_path, vae_path, scheduler_path,
+            conf_path, dit_params=dit_params, dtype=dtype, download=download, noise_dtype=noise_dtype)
     from .text_encoder import T5TextEncoder
     from .vae import load_vae
 
@@ -235,11 +246,15 @@ def get_T2V_pipeline(device_map: Union[str, torch.device, dict], resolution: int
     dtype = dtype or default_dtype(device_map["dit"])
 
     schedule = load_schedule(paths.scheduler)
-    dit = load_dit(dit_params, paths.dit, device=device_map["dit"], dtype=dtype)
-    text_encoder = T5TextEncoder(paths.text_encoder, paths.tokenizer, max_length=max_length,
-                                 device=device_map["text_embedder"], dtype=dtype)
-    if text_encoder.d_model != dit_params["in_text_dim"]:
-        raise ValueError(f"text encoder width {text_encoder.d_model} != DiT in_text_dim {dit_params['in_text_dim']}")
-    vae = load_vae(paths.vae, device=device_map["vae"], dtype=dtype)
+    dit = (load_dit_fn or load_dit)(dit_params, paths.dit, device=device_map["dit"], dtype=dtype)
+    text_encoder = vae = None
+    if is_main:  # only the main rank encodes and decodes
+        text_encoder = T5TextEncoder(paths.text_encoder, paths.tokenizer, max_length=max_length,
+                                     device=device_map["text_embedder"], dtype=dtype)
+        if text_encoder.d_model != dit_params["in_text_dim"]:
+            raise ValueError(f"text encoder width {text_encoder.d_model} != DiT in_text_dim "
+                             f"{dit_params['in_text_dim']}")
+        vae = load_vae(paths.vae, device=device_map["vae"], dtype=dtype)
     return Kandinsky4T2VPipeline(device_map, dit, text_encoder, vae, schedule, resolution=resolution, dtype=dtype,
-                                 noise_dtype=noise_dtype)
+                                 noise_dtype=noise_dtype, is_main=is_main, broadcast=broadcast,
+                                 text_dim=dit_params["in_text_dim"])

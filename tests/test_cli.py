@@ -20,7 +20,7 @@ def cache_dir(tiny_weights, tmp_path_factory):
 
 
 def run_cli(cwd, cache_dir, *overrides, timeout=300):
-    env = dict(os.environ, K4FLASH_CACHE=str(cache_dir), HF_HUB_OFFLINE="1")
+    env = dict(os.environ, K4FLASH_CACHE=str(cache_dir), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, str(ENTRY), *overrides], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
 

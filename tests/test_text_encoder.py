@@ -4,6 +4,8 @@ import torch
 
 from k4flash.text_encoder import T5TextEncoder
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 EOS, PAD, UNK = 1, 0, 2
 LONG_PROMPT = " ".join(["a red panda walks through the snowy forest"] * 40)  # ≈ 320 tokens
 

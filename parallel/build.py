@@ -1,0 +1,34 @@
+"""A rank's pipeline: its DiT shard everywhere, T5 and the VAE on rank 0 only."""
+import functools
+
+import torch
+
+from k4flash.pipeline import get_T2V_pipeline, normalize_device_map
+from k4flash.weights import resolve_weight_paths
+
+from .load import load_dit_sharded
+from .runtime import init_runtime
+
+
+def get_parallel_T2V_pipeline(device_map, resolution=512, cache_dir="./weights/", dit_path=None,
+                              text_encoder_path=None, tokenizer_path=None, vae_path=None, scheduler_path=None,
+                              conf_path=None, *, dit_params=None, dtype=None, download=True,
+                              noise_dtype=torch.bfloat16, runtime=None):
+    """get_T2V_pipeline for one rank of a tensor-parallel run (joins the process group if needed).
+
+    On GPU each rank uses its own device (cuda:LOCAL_RANK) for the DiT, whatever device_map says.
+    """
+    device_map = normalize_device_map(device_map)
+    runtime = runtime or init_runtime("cuda" if device_map["dit"].type == "cuda" else "cpu")
+    device_map = {**device_map, "dit": runtime.device}
+    if runtime.is_main and download and conf_path is None:
+        # Fetch anything missing once, on rank 0, before the others look for it.
+        resolve_weight_paths(cache_dir, dit_path, text_encoder_path, tokenizer_path, vae_path, scheduler_path)
+    runtime.barrier()
+    if not runtime.is_main:  # everything else reads what rank 0 fetched
+        device_map = {key: runtime.device for key in device_map}
+    return get_T2V_pipeline(
+        device_map, resolution, cache_dir, dit_path, text_encoder_path, tokenizer_path, vae_path, scheduler_path,
+        conf_path, dit_params=dit_params, dtype=dtype, download=download and runtime.is_main,
+        noise_dtype=noise_dtype, load_dit_fn=functools.partial(load_dit_sharded, mesh=runtime.tp_mesh),
+        is_main=runtime.is_main, broadcast=runtime.broadcast_from_main)

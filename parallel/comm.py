@@ -1,0 +1,53 @@
+"""The collectives the tensor-parallel DiT uses, counted.
+
+Every collective of a TP forward goes through here, so tests and benchmarks can read
+how many ran and how many bytes each rank sent (`CommStats`), and the plan's
+communication budget is a measured number, not a claim.
+"""
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class CommStats:
+    calls: dict = field(default_factory=dict)  # op name → count
+    bytes: int = 0  # payload bytes this rank contributed
+
+    def total_calls(self) -> int:
+        return sum(self.calls.values())
+
+    def reset(self):
+        self.calls.clear()
+        self.bytes = 0
+
+
+STATS = CommStats()
+
+
+def _record(op, tensor):
+    STATS.calls[op] = STATS.calls.get(op, 0) + 1
+    STATS.bytes += tensor.numel() * tensor.element_size()
+
+
+def all_reduce_sum(tensor, group) -> torch.Tensor:
+    """In-place sum over the group (the row-parallel reduction)."""
+    _record("all_reduce", tensor)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    return tensor
+
+
+def all_gather_last_dim(tensor, group) -> torch.Tensor:
+    """(..., n) on each of k ranks → (..., k·n), rank order along the last dim."""
+    _record("all_gather", tensor)
+    world = dist.get_world_size(group)
+    parts = [torch.empty_like(tensor) for _ in range(world)]
+    dist.all_gather(parts, tensor.contiguous(), group=group)
+    return torch.cat(parts, dim=-1)
+
+
+def broadcast_from(tensor, src, group=None) -> torch.Tensor:
+    _record("broadcast", tensor)
+    dist.broadcast(tensor, src=src, group=group)
+    return tensor
