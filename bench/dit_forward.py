@@ -9,6 +9,7 @@ the speed-up is measured in the same process; its output also checks the fast pa
 """
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -80,6 +81,7 @@ def main(argv=None):
         "config": args.config, "params": params, "latent": config["latent"], "text_tokens": config["text_tokens"],
         "visual_tokens": grid[0] * grid[1] * grid[2], "threads": args.threads, "dtype": "float32",
         "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+        "loadavg_1m": os.getloadavg()[0],  # other processes on the machine skew the timings
         "median_s": statistics.median(times), "min_s": min(times), "times_s": times,
     }
     if ref_times:
@@ -93,7 +95,7 @@ def main(argv=None):
     print("|---|---|---|---|---|---|---|---|")
     print(f"| {args.config} | {args.threads} | {result['visual_tokens']}+{config['text_tokens']} "
           f"| {result['median_s']:.3f} | {result['min_s']:.3f} | {ref_cells} |")
-    print("all timings (s):", " ".join(f"{t:.3f}" for t in times))
+    print("all timings (s):", " ".join(f"{t:.3f}" for t in times), f"(load average {result['loadavg_1m']:.1f})")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return result

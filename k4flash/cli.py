@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from parallel.runtime import resolve_device, shutdown_runtime
+
 from .geometry import validate_request
 from .weights import CheckpointError
 
@@ -39,17 +41,6 @@ def strip_launcher_args(argv: list) -> None:
                 break
         else:
             i += 1
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError as err:
-        raise UsageError(f"device={name!r} is not a torch device (e.g. auto, cpu, cuda, cuda:1)") from err
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -86,7 +77,7 @@ def generate_from_config(cfg) -> Path:
     validate_request(cfg.prompt, cfg.time_length, cfg.height, cfg.width)
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0:
         raise UsageError(f"seed={cfg.seed!r} must be a non-negative integer")
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
     dtype = resolve_dtype(cfg.dtype, device)
     save_path = Path(cfg.save_path)
     check_output_path(save_path, cfg.time_length, cfg.overwrite)
@@ -99,8 +90,10 @@ def generate_from_config(cfg) -> Path:
     load_s = time.perf_counter() - clock
     log.info("loaded %s on %s (%s) in %.1f s", cfg.model.name, device, str(dtype).replace("torch.", ""), load_s)
 
-    # 3. Generate and write.
+    # 3. Generate (every rank runs its DiT shard); only the main rank decodes and writes.
     generation = pipe.generate(cfg.prompt, cfg.time_length, cfg.width, cfg.height, cfg.seed, progress=cfg.progress)
+    if not pipe.is_main:
+        return None
     generation.timings["load_s"] = load_s
     written = pipe.write_outputs(generation, save_path, save_latents=cfg.save_latents, overwrite=cfg.overwrite,
                                  extra_metadata={"model": cfg.model.name, "untrained": bool(cfg.model.untrained),
@@ -110,9 +103,18 @@ def generate_from_config(cfg) -> Path:
 
 
 def run(cfg) -> None:
-    """Run one generation; bad input exits with status 2 and one line naming the problem."""
+    """Run one generation; bad input exits with status 2 and one line naming the problem.
+
+    Under torchrun every rank runs this; only rank 0 logs, prints errors and writes.
+    """
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    if not is_main:
+        logging.getLogger().setLevel(logging.WARNING)
     try:
         generate_from_config(cfg)
     except (UsageError, ValueError, FileNotFoundError, FileExistsError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        if is_main:
+            print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        shutdown_runtime()

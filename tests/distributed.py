@@ -1,5 +1,6 @@
 """Run a function on N CPU ranks (gloo) in fresh processes; collect what each returns."""
 import os
+import pickle
 import socket
 import traceback
 
@@ -20,7 +21,8 @@ def _worker(rank, world, port, fn, args, queue):
     from parallel.runtime import init_runtime, shutdown_runtime
     try:
         runtime = init_runtime("cpu", timeout_s=120)
-        queue.put((rank, fn(runtime, *args), None))
+        # plain pickle copies tensors: torch's shared-memory handles die with the child
+        queue.put((rank, pickle.dumps(fn(runtime, *args)), None))
     except BaseException:  # report, don't hang the parent
         queue.put((rank, None, traceback.format_exc()))
     finally:
@@ -41,7 +43,7 @@ def run_ranks(world, fn, *args, timeout=300):
             rank, value, error = queue.get(timeout=timeout)
             if error:
                 raise RuntimeError(f"rank {rank} failed:\n{error}")
-            results[rank] = value
+            results[rank] = pickle.loads(value)
     finally:
         for p in procs:
             p.join(timeout=30)

@@ -53,3 +53,34 @@ def test_degrees_that_do_not_divide_are_named():
         validate_tp_degree(TINY_DIT_PARAMS, 3)
     published = dict(model_dim=3072, ff_dim=12288, axes_dims=(16, 24, 24))
     assert 8 in allowed_tp_degrees(published) and 5 not in allowed_tp_degrees(published)
+
+
+def _pipeline_run(runtime, weights, request):
+    from k4flash import get_T2V_pipeline  # WORLD_SIZE > 1: builds this rank's sharded pipeline
+    pipe = get_T2V_pipeline("cpu", cache_dir=weights, dit_params=TINY_DIT_PARAMS, download=False)
+    loaded = {"text_encoder": pipe.text_encoder is not None, "vae": pipe.vae is not None}
+    gen = pipe.generate(**request, progress=False)
+    return gen.latents, gen.frames, loaded
+
+
+# A short video through TP=2 (frames compared), an image through TP=4 (latents; decode is the slow part on CPU).
+REQUESTS = {2: dict(text="a red square", time_length=1, width=512, height=512, seed=11),
+            4: dict(text="a red square", time_length=0, width=672, height=384, seed=12)}
+
+
+@pytest.fixture(scope="module")
+def one_rank_pipe(tiny_weights):
+    from k4flash import get_T2V_pipeline
+    return get_T2V_pipeline("cpu", cache_dir=tiny_weights, dit_params=TINY_DIT_PARAMS, download=False)
+
+
+@pytest.mark.parametrize("world", sorted(REQUESTS))
+def test_tp_pipeline_gives_the_one_rank_video(world, tiny_weights, one_rank_pipe):
+    expected = one_rank_pipe.generate(**REQUESTS[world], progress=False)
+    results = run_ranks(world, _pipeline_run, tiny_weights, REQUESTS[world])
+    for rank, (latents, frames, loaded) in enumerate(results):
+        torch.testing.assert_close(latents, expected.latents, atol=1e-5, rtol=1e-5)
+        assert loaded == {"text_encoder": rank == 0, "vae": rank == 0}  # T5 and VAE live on rank 0 only
+        assert (frames is not None) == (rank == 0)
+    assert results[0][1].shape == expected.frames.shape
+    assert (results[0][1].int() - expected.frames.int()).abs().max() <= 1
