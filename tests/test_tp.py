@@ -84,3 +84,39 @@ def test_tp_pipeline_gives_the_one_rank_video(world, tiny_weights, one_rank_pipe
         assert (frames is not None) == (rank == 0)
     assert results[0][1].shape == expected.frames.shape
     assert (results[0][1].int() - expected.frames.int()).abs().max() <= 1
+
+
+def _load_shard(runtime, checkpoint):
+    from parallel.load import load_dit_sharded
+    model = load_dit_sharded(TINY_DIT_PARAMS, checkpoint, runtime.tp_mesh)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _shard_from_full(runtime, state):
+    model = DiffusionTransformer3D(**TINY_DIT_PARAMS)
+    model.load_state_dict(state)
+    parallelize_dit(model, runtime.tp_mesh)
+    return model.state_dict()
+
+
+@pytest.mark.parametrize("fmt", ["pt", "safetensors"])
+def test_sharded_loading_reads_only_this_ranks_slice(tmp_path, fmt):
+    from parallel.convert import convert
+    state = tiny_dit_state_dict(0)
+    checkpoint = tmp_path / "kandinsky4_distil_512.pt"
+    torch.save(state, checkpoint)
+    if fmt == "safetensors":
+        converted = convert(checkpoint)
+        assert converted == tmp_path / "kandinsky4_distil_512.safetensors"
+        checkpoint.write_bytes(b"not read: the safetensors sibling is preferred")
+    loaded = run_ranks(2, _load_shard, checkpoint)
+    expected = run_ranks(2, _shard_from_full, state)
+    for got, want in zip(loaded, expected):
+        assert set(got) == set(want)
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
+    qkv = "transformer_blocks.0.0.self_attention.to_query_key_value.weight"
+    assert loaded[0][qkv].shape == (3 * 128 // 2, 128)
+    # rank 1 holds the second half of q's rows, then of k's, then of v's
+    torch.testing.assert_close(loaded[1][qkv][:64], state[qkv][64:128], rtol=0, atol=0)
+    torch.testing.assert_close(loaded[1][qkv][64:128], state[qkv][192:256], rtol=0, atol=0)
