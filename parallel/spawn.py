@@ -1,7 +1,12 @@
-"""Run a function on N CPU ranks (gloo) in fresh processes; collect what each returns."""
+"""Run a function on N local CPU ranks (gloo) in fresh processes and collect what each returns.
+
+For tests and benchmarks: each rank gets one intra-op thread, like a rank per core.
+"""
 import os
 import pickle
+import queue as queue_module
 import socket
+import time
 import traceback
 
 import torch.multiprocessing as mp
@@ -38,9 +43,18 @@ def run_ranks(world, fn, *args, timeout=300):
     for p in procs:
         p.start()
     results = {}
+    deadline = time.monotonic() + timeout
     try:
-        for _ in range(world):
-            rank, value, error = queue.get(timeout=timeout)
+        while len(results) < world:
+            try:
+                rank, value, error = queue.get(timeout=1.0)
+            except queue_module.Empty:
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in results]
+                if dead:
+                    raise RuntimeError(f"rank {dead[0]} died with exit code {procs[dead[0]].exitcode}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"ranks {sorted(set(range(world)) - set(results))} gave no result in {timeout} s")
+                continue
             if error:
                 raise RuntimeError(f"rank {rank} failed:\n{error}")
             results[rank] = pickle.loads(value)
