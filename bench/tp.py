@@ -49,13 +49,12 @@ def _peak_growth_mb(rss_before):
     return _status_mb("VmHWM") - rss_before
 
 
-def _rank_bench(runtime, config_name, checkpoint, repeats):
+def _measure(config, load, repeats, barrier=None):
+    """Load (peak RSS growth), one counted forward, then `repeats` timed forwards."""
     from parallel import comm
-    from parallel.load import load_dit_sharded
 
-    config = CONFIGS[config_name]
     before = _start_peak_window(config["params"])
-    model = load_dit_sharded(config["params"], checkpoint, runtime.tp_mesh)
+    model = load()
     load_rss = _peak_growth_mb(before)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, *config["latent"], generator=g)
@@ -63,17 +62,26 @@ def _rank_bench(runtime, config_name, checkpoint, repeats):
     t = torch.tensor([749.0])
     times = []
     with torch.no_grad():
-        model(x, text, t)
+        model(x, text, t)  # warm-up
         comm.STATS.reset()
         model(x, text, t)
         calls, sent = dict(comm.STATS.calls), comm.STATS.bytes
         for _ in range(repeats):
-            torch.distributed.barrier()
+            if barrier:
+                barrier()  # start every rank's forward together
             start = time.perf_counter()
             model(x, text, t)
             times.append(time.perf_counter() - start)
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     return dict(times=times, calls=calls, bytes=sent, param_bytes=param_bytes, load_rss_mb=load_rss)
+
+
+def _rank_bench(runtime, config_name, checkpoint, repeats):
+    from parallel.load import load_dit_sharded
+
+    config = CONFIGS[config_name]
+    return _measure(config, lambda: load_dit_sharded(config["params"], checkpoint, runtime.tp_mesh), repeats,
+                    barrier=runtime.barrier)
 
 
 def _one_rank_bench(config_name, checkpoint, repeats):
@@ -82,22 +90,7 @@ def _one_rank_bench(config_name, checkpoint, repeats):
 
     torch.set_num_threads(1)
     config = CONFIGS[config_name]
-    before = _start_peak_window(config["params"])
-    model = load_dit(config["params"], checkpoint)
-    load_rss = _peak_growth_mb(before)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, *config["latent"], generator=g)
-    text = torch.randn(1, config["text_tokens"], config["params"]["in_text_dim"], generator=g)
-    t = torch.tensor([749.0])
-    times = []
-    with torch.no_grad():
-        model(x, text, t)
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(x, text, t)
-            times.append(time.perf_counter() - start)
-    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    return dict(times=times, calls={}, bytes=0, param_bytes=param_bytes, load_rss_mb=load_rss)
+    return _measure(config, lambda: load_dit(config["params"], checkpoint), repeats)
 
 
 def main(argv=None):

@@ -5,6 +5,7 @@ prepare latents → denoise → decode → write. Everything rank-related is inj
 (`broadcast`, `is_main`): with the defaults it is the one-process pipeline.
 """
 import contextlib
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from .video import frames_to_pil, write_json_atomic, write_mp4, write_png, write
 from .weights import load_dit, resolve_weight_paths
 
 TEXT_TOKENS = 224
+log = logging.getLogger("k4flash")
 DEVICE_KEYS = ("dit", "vae", "text_embedder")
 
 
@@ -88,6 +90,10 @@ class Kandinsky4T2VPipeline:
         """(1, 224, d_model) on the DiT device in the DiT dtype; the main rank encodes, others receive."""
         device = self.device_map["dit"]
         if self.text_encoder is not None:
+            count = self.text_encoder.token_count(text)
+            if count > self.text_encoder.max_length:
+                log.warning("prompt is %d tokens; only the first %d condition the video (the rest is truncated)",
+                            count, self.text_encoder.max_length)
             embed = self.text_encoder([text]).to(device=device, dtype=self.dtype)
         else:
             embed = torch.empty(1, TEXT_TOKENS, self.text_dim, device=device, dtype=self.dtype)

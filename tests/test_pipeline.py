@@ -104,3 +104,11 @@ def test_existing_output_is_kept_without_overwrite(pipe, tmp_path):
     with pytest.raises(FileExistsError):
         pipe.write_outputs(gen, target, overwrite=False)
     assert target.read_bytes() == b"yesterday's result"
+
+
+def test_long_prompt_is_truncated_with_a_warning(pipe, caplog):
+    long_prompt = " ".join(["snow"] * 300)
+    with caplog.at_level("WARNING", logger="k4flash"):
+        embed = pipe.encode_text(long_prompt)
+    assert embed.shape == (1, 224, TINY_DIT_PARAMS["in_text_dim"])
+    assert any("truncated" in r.message and "first 224" in r.message for r in caplog.records)
