@@ -1,15 +1,18 @@
-"""Generate a video with Kandinsky 4.0 T2V Flash: a thin Hydra entry point over conf/.
+"""Generate videos with Kandinsky 4.0 T2V Flash: a thin Hydra entry point over conf/.
 
-    python run_inference_distil.py model=tiny                 # untrained tiny demo, any CPU
-    python run_inference_distil.py prompt="..." seed=7        # the published model from ./weights/
+    python run_inference_distil.py model=tiny                          # untrained tiny demo, any CPU
+    python run_inference_distil.py prompt="..." seed=7                 # the published model from ./weights/
+    torchrun --nproc-per-node 8 run_inference_distil.py prompts_file=prompts.txt output_dir=videos
 """
 import sys
 
 import hydra
 
-from k4flash.cli import run, strip_launcher_args
+from k4flash.cli import prepare_argv, run
+from k4flash.config import register_configs
 
-strip_launcher_args(sys.argv)  # torch.distributed.launch passes --local-rank=N, which Hydra would reject
+prepare_argv(sys.argv)  # drops torch.distributed.launch's --local-rank=N; keeps Hydra files to rank 0
+register_configs()
 
 
 @hydra.main(version_base=None, config_path="conf", config_name="config")

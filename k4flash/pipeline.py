@@ -161,14 +161,15 @@ class Kandinsky4T2VPipeline:
         clock = time.perf_counter()
         save_path = Path(save_path)
         frames = generation.frames
-        if save_latents:
-            write_safetensors_atomic(derived_path(save_path, ".latents.safetensors"),
-                                     {"latents": generation.latents.cpu().contiguous()}, overwrite=overwrite)
+        # Video, then latents, then the sidecar: the sidecar marks a finished output (batch resume).
         if generation.request["time_length"] == 0:
             save_path = save_path.with_suffix(".png")
             write_png(save_path, frames[0], overwrite=overwrite)
         else:
             write_mp4(save_path, frames, fps=FPS, overwrite=overwrite)
+        if save_latents:
+            write_safetensors_atomic(derived_path(save_path, ".latents.safetensors"),
+                                     {"latents": generation.latents.cpu().contiguous()}, overwrite=overwrite)
         timings = dict(generation.timings, write_s=time.perf_counter() - clock)
         sidecar = {
             **generation.request, "resolution": self.resolution,

@@ -4,7 +4,7 @@ import functools
 import torch
 
 from k4flash.pipeline import get_T2V_pipeline, normalize_device_map
-from k4flash.weights import resolve_weight_paths
+from k4flash.weights import load_dit, resolve_weight_paths
 
 from .load import load_dit_sharded
 from .runtime import init_runtime
@@ -13,22 +13,25 @@ from .runtime import init_runtime
 def get_parallel_T2V_pipeline(device_map, resolution=512, cache_dir="./weights/", dit_path=None,
                               text_encoder_path=None, tokenizer_path=None, vae_path=None, scheduler_path=None,
                               conf_path=None, *, dit_params=None, dtype=None, download=True,
-                              noise_dtype=torch.bfloat16, runtime=None):
+                              noise_dtype=torch.bfloat16, runtime=None, tp=None):
     """get_T2V_pipeline for one rank of a tensor-parallel run (joins the process group if needed).
 
     On GPU each rank uses its own device (cuda:LOCAL_RANK) for the DiT, whatever device_map says.
     """
     device_map = normalize_device_map(device_map)
-    runtime = runtime or init_runtime("cuda" if device_map["dit"].type == "cuda" else "cpu")
+    runtime = runtime or init_runtime("cuda" if device_map["dit"].type == "cuda" else "cpu", tp=tp)
     device_map = {**device_map, "dit": runtime.device}
     if runtime.is_main and download and conf_path is None:
         # Fetch anything missing once, on rank 0, before the others look for it.
         resolve_weight_paths(cache_dir, dit_path, text_encoder_path, tokenizer_path, vae_path, scheduler_path)
     runtime.barrier()
-    if not runtime.is_main:  # everything else reads what rank 0 fetched
+    if not runtime.is_group_main:  # T5 and the VAE stay off these ranks
         device_map = {key: runtime.device for key in device_map}
+    elif runtime.dp_size > 1:  # several groups per node: each group's first rank uses its own GPU
+        device_map = {key: runtime.device for key in device_map}
+    sharded = runtime.tp_size > 1
     return get_T2V_pipeline(
         device_map, resolution, cache_dir, dit_path, text_encoder_path, tokenizer_path, vae_path, scheduler_path,
-        conf_path, dit_params=dit_params, dtype=dtype, download=download and runtime.is_main,
-        noise_dtype=noise_dtype, load_dit_fn=functools.partial(load_dit_sharded, mesh=runtime.tp_mesh),
-        is_main=runtime.is_main, broadcast=runtime.broadcast_from_main)
+        conf_path, dit_params=dit_params, dtype=dtype, download=False, noise_dtype=noise_dtype,
+        load_dit_fn=functools.partial(load_dit_sharded, mesh=runtime.tp_mesh) if sharded else load_dit,
+        is_main=runtime.is_group_main, broadcast=runtime.broadcast_from_main if sharded else None)

@@ -16,26 +16,54 @@ from . import comm
 
 @dataclass
 class Runtime:
+    """Where this rank sits in the (dp, tp) mesh: W = dp_size · tp_size ranks, TP groups of consecutive ranks."""
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
-    tp_mesh: object = None  # 1-D DeviceMesh over all ranks, None for one rank
+    tp_mesh: object = None  # this rank's TP group as a 1-D DeviceMesh; None for one rank
+    dp_rank: int = 0  # which data-parallel group (share of the prompts) this rank works on
+    dp_size: int = 1
+
+    @property
+    def tp_size(self) -> int:
+        return self.tp_mesh.size() if self.tp_mesh is not None else 1
+
+    @property
+    def tp_rank(self) -> int:
+        return self.tp_mesh.get_local_rank() if self.tp_mesh is not None else 0
 
     @property
     def is_main(self) -> bool:
+        """The job's rank 0: logs and reports."""
         return self.rank == 0
+
+    @property
+    def is_group_main(self) -> bool:
+        """Its TP group's first rank: runs T5 and the VAE, writes the group's outputs."""
+        return self.tp_rank == 0
 
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
 
     def broadcast_from_main(self, tensor: torch.Tensor) -> torch.Tensor:
-        return comm.broadcast_from(tensor, src=0) if self.distributed else tensor
+        """The TP group's first rank's tensor, on every rank of the group."""
+        if self.tp_size == 1:
+            return tensor
+        group = self.tp_mesh.get_group()
+        return comm.broadcast_from(tensor, src=dist.get_global_rank(group, 0), group=group)
 
     def barrier(self):
         if self.distributed:
             dist.barrier()
+
+    def sum_over_ranks(self, value: int) -> int:
+        if not self.distributed:
+            return value
+        total = torch.tensor([value], device=self.device)
+        dist.all_reduce(total)
+        return int(total.item())
 
 
 def env_world() -> tuple:
@@ -59,9 +87,19 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     return device
 
 
-def init_runtime(device: str = "auto", timeout_s: float = 600.0) -> Runtime:
-    """Join the process group the launcher set up (nccl on GPU, gloo on CPU) and build the TP mesh."""
+def validate_world(world: int, tp) -> int:
+    """The TP degree for this world size (tp=None: all ranks); raises when W is not a multiple of tp."""
+    tp = world if tp is None else tp
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1 or world % tp:
+        allowed = [k for k in range(1, world + 1) if world % k == 0]
+        raise ValueError(f"parallel.tp={tp!r} does not divide the world size {world}; allowed: {allowed}")
+    return tp
+
+
+def init_runtime(device: str = "auto", timeout_s: float = 600.0, tp=None) -> Runtime:
+    """Join the process group the launcher set up (nccl on GPU, gloo on CPU) and build the (dp, tp) mesh."""
     rank, world, local_rank = env_world()
+    tp = validate_world(world, tp)
     device = resolve_device(device, local_rank)
     if world == 1:
         return Runtime(device=device)
@@ -72,8 +110,9 @@ def init_runtime(device: str = "auto", timeout_s: float = 600.0) -> Runtime:
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s),
                                 device_id=device if device.type == "cuda" else None)
     from torch.distributed.device_mesh import init_device_mesh
-    mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("tp",))
-    return Runtime(rank, world, local_rank, device, mesh)
+    mesh = init_device_mesh(device.type, (world // tp, tp), mesh_dim_names=("dp", "tp"))
+    return Runtime(rank, world, local_rank, device, mesh["tp"], dp_rank=mesh["dp"].get_local_rank(),
+                   dp_size=world // tp)
 
 
 def shutdown_runtime() -> None:

@@ -1,0 +1,81 @@
+"""The typed schema of `conf/` (Hydra structured configs).
+
+A typo'd key or an ill-typed value in an override (`time_lenght=3`, `seed=abc`) fails at
+once with Hydra's own message, before anything loads. Every field says what it is here,
+where it is declared; the YAML files in conf/ only choose values.
+"""
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class DiTParams:
+    """The DiT's constructor arguments (SPEC "DiT hyper-parameters")."""
+    in_visual_dim: int = 16  # VAE latent channels
+    in_text_dim: int = 4096  # text encoder width (T5-XXL: 4096)
+    out_visual_dim: int = 16
+    time_dim: int = 512
+    patch_size: List[int] = field(default_factory=lambda: [1, 2, 2])  # (frames, height, width)
+    model_dim: int = 3072
+    ff_dim: int = 12288
+    num_blocks: int = 21  # pairs of transformer blocks
+    axes_dims: List[int] = field(default_factory=lambda: [16, 24, 24])  # RoPE dims per axis; sum = head_dim
+
+
+@dataclass
+class DemoDefaults:
+    """What a run generates when time_length / width / height are not given."""
+    time_length: int = 12
+    width: int = 672
+    height: int = 384
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING  # the conf/model/<name>.yaml that was chosen
+    builtin: bool = False  # true: weights are generated locally (tiny); weights_dir and download are ignored
+    untrained: bool = False  # true: the output is noise; said loudly in the log and the sidecar
+    dit_params: DiTParams = field(default_factory=DiTParams)
+    demo: DemoDefaults = field(default_factory=DemoDefaults)
+
+
+@dataclass
+class ParallelConfig:
+    # Tensor-parallel degree K: ranks per DiT replica (keep it within a node). The world
+    # size W must be a multiple: W = D·K gives D data-parallel groups, each generating its
+    # own share of the prompts. null = all ranks in one TP group (D = 1).
+    tp: Optional[int] = None
+    # Seconds a collective may wait before the job fails (a dead or hung rank).
+    timeout_s: float = 600.0
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = MISSING
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    prompt: str = ""  # the text prompt (single-video mode)
+    seed: int = 42  # one CPU generator: the same seed gives the same video on any device and rank count
+    time_length: int = 12  # seconds; 0 = one image (<save_path stem>.png)
+    width: int = 672  # (height, width) must be an allowed pair (README)
+    height: int = 384
+    save_path: str = "./test.mp4"  # single-video mode: H.264 MP4, 8 fps, JSON sidecar beside it
+    # Batch mode: one prompt per line, or JSONL with per-line prompt/seed/time_length/width/height.
+    # Writes <output_dir>/<line index, 5 digits>-<slug>.mp4 (+ .json); a re-run skips finished ones.
+    prompts_file: Optional[str] = None
+    output_dir: str = "./videos"
+    save_latents: bool = False  # also write <stem>.latents.safetensors (key "latents")
+    overwrite: bool = False  # replace existing outputs (single mode) / redo finished prompts (batch mode)
+    weights_dir: str = "./weights/"  # SPEC layout: kandinsky4_distil_512.pt, vae/, text_encoder/, tokenizer/, scheduler/
+    download: bool = True  # fetch missing weights from the Hugging Face Hub when online
+    device: str = "auto"  # auto = cuda:LOCAL_RANK when CUDA is available, else cpu
+    dtype: str = "auto"  # auto = bfloat16 on GPU (as the official code), float32 on CPU
+    progress: bool = True  # progress bar over the denoising steps (rank 0)
+
+
+def register_configs() -> None:
+    store = ConfigStore.instance()
+    store.store(name="run_schema", node=RunConfig)
+    store.store(group="model", name="model_schema", node=ModelConfig)

@@ -1,0 +1,121 @@
+"""Prompt batches: parsing, safe names, resume, a failing prompt, and dp × tp over 4 ranks."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from k4flash.batch import read_prompts_file, slugify
+from parallel.spawn import free_port
+from test_cli import ENTRY
+
+DEFAULTS = dict(seed=10, time_length=0, width=512, height=512)
+
+
+def test_text_prompts_file_names_and_seeds(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_text("a red square\n\n  ../../etc/passwd \u2603 Caf\u00e9!  \n")
+    jobs = read_prompts_file(path, DEFAULTS, tmp_path / "out")
+    assert [j.index for j in jobs] == [0, 2]
+    assert [j.seed for j in jobs] == [10, 12]
+    assert jobs[0].save_path == tmp_path / "out" / "00000-a-red-square.mp4"
+    assert jobs[1].save_path.name == "00002-etc-passwd-cafe.mp4"
+    assert all(j.save_path.parent == tmp_path / "out" for j in jobs)
+    assert jobs[0].output_path.suffix == ".png"  # time_length 0: an image
+
+
+def test_jsonl_overrides_per_line(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "x", "seed": 3, "time_length": 1, "width": 672, "height": 384}) + "\n")
+    (job,) = read_prompts_file(path, DEFAULTS, tmp_path)
+    assert (job.seed, job.time_length, job.width, job.height) == (3, 1, 672, 384)
+    assert job.output_path.suffix == ".mp4"
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"prompt": "ok"}\n{"prompt": "x", "width": 500}\n', r"line 2: height x width = 512x500 is not allowed"),
+    ('{"prompt": "ok"}\nnot json\n', r"line 2: not valid JSON"),
+    ('{"promt": "typo"}\n', r"line 1: expected a JSON object with a \"prompt\" key"),
+    ('{"prompt": "x", "steps": 8}\n', r"line 1: unknown key 'steps'"),
+    ('{"prompt": "x", "time_length": -1}\n', r"line 1: time_length=-1 is out of range"),
+    ('{"prompt": "   "}\n', r"line 1: prompt='   ' is empty"),
+    ("\n\n", r"has no prompts"),
+])
+def test_bad_lines_are_named(tmp_path, content, message):
+    path = tmp_path / "p.jsonl"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message):
+        read_prompts_file(path, DEFAULTS, tmp_path)
+
+
+def test_slugify():
+    assert slugify("A red square!") == "a-red-square"
+    assert slugify("\u65e5\u672c\u8a9e") == "prompt"
+    assert len(slugify("word " * 40)) <= 48 and not slugify("word " * 40).endswith("-")
+
+
+def _env(cache):
+    return dict(os.environ, K4FLASH_CACHE=str(cache), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+
+
+@pytest.fixture(scope="module")
+def cache(tiny_weights, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("k4cache")
+    (cache / "tiny-v1").symlink_to(tiny_weights, target_is_directory=True)
+    return cache
+
+
+PROMPTS = "a red square\na blue circle\na green triangle\na yellow star\n"
+BATCH = ["model=tiny", "prompts_file=prompts.txt", "output_dir=out", "time_length=0", "width=512", "height=512",
+         "progress=false", "save_latents=true"]
+
+
+def test_batch_resumes_and_survives_a_failing_prompt(tmp_path, cache):
+    (tmp_path / "prompts.txt").write_text(PROMPTS)
+    (tmp_path / "out" / "00001-a-blue-circle.png").mkdir(parents=True)  # a directory where the image must go
+    first = subprocess.run([sys.executable, str(ENTRY), *BATCH], cwd=tmp_path, env=_env(cache),
+                           capture_output=True, text=True, timeout=300)
+    assert first.returncode == 1 and "1 prompt(s) failed" in first.stderr, first.stderr[-2000:]
+    done = sorted(p.name for p in (tmp_path / "out").glob("*.json"))
+    assert done == ["00000-a-red-square.json", "00002-a-green-triangle.json", "00003-a-yellow-star.json"]
+    kept = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir() if not p.name.startswith("00001")}
+    assert not list((tmp_path / "out").glob("00001-*.*.*"))  # the failed prompt left no partial files
+
+    (tmp_path / "out" / "00001-a-blue-circle.png").rmdir()
+    second = subprocess.run([sys.executable, str(ENTRY), *BATCH], cwd=tmp_path, env=_env(cache),
+                            capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "3 of 4 prompts already done" in second.stdout + second.stderr
+    assert (tmp_path / "out" / "00001-a-blue-circle.png").is_file()
+    for name, mtime in kept.items():  # nothing finished was redone
+        assert (tmp_path / "out" / name).stat().st_mtime_ns == mtime
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no temp files
+
+
+def test_dp2_x_tp2_gives_the_one_rank_videos(tmp_path, cache):
+    for name, launcher in (("one", []), ("dp2tp2", ["-m", "torch.distributed.run", "--nproc-per-node", "4",
+                                                     "--master-port", str(free_port())])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "prompts.txt").write_text(PROMPTS)
+        result = subprocess.run([sys.executable, *launcher, str(ENTRY), *BATCH, "parallel.tp=2"] if launcher else
+                                [sys.executable, str(ENTRY), *BATCH], cwd=tmp_path / name, env=_env(cache),
+                                capture_output=True, text=True, timeout=400)
+        assert result.returncode == 0, result.stderr[-3000:]
+    for one in sorted((tmp_path / "one" / "out").glob("*.latents.safetensors")):
+        other = tmp_path / "dp2tp2" / "out" / one.name
+        torch.testing.assert_close(load_file(str(other))["latents"], load_file(str(one))["latents"],
+                                   atol=1e-5, rtol=1e-5)
+    assert len(list((tmp_path / "dp2tp2" / "out").glob("*.png"))) == 4
+    # one Hydra directory for the job, made by rank 0 only
+    assert len(list((tmp_path / "dp2tp2" / "outputs").glob("*/*/.hydra"))) == 1
+
+
+def test_world_not_divisible_by_tp_fails_before_loading(tmp_path, cache):
+    (tmp_path / "prompts.txt").write_text(PROMPTS)
+    env = dict(_env(cache), WORLD_SIZE="4", RANK="0", LOCAL_RANK="0")
+    result = subprocess.run([sys.executable, str(ENTRY), *BATCH, "parallel.tp=3"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "parallel.tp=3 does not divide the world size 4; allowed: [1, 2, 4]" in result.stderr

@@ -1,0 +1,182 @@
+"""launch/slurm.sbatch on a real SLURM cluster: slurmctld + slurmd + munged on this machine, one node.
+
+Debian's slurm-wlm and munge are installed when missing (root + apt-get; skipped otherwise).
+The jobs run the tiny model on CPU with 2 ranks (gloo), as `sbatch launch/slurm.sbatch ...` would
+on a GPU cluster. Everything here, from the install to the last job, shares one time budget
+(BUDGET_S) enforced with SIGALRM, so no test of this module can hang the suite.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from slurm_cluster import LocalSlurm, SlurmUnavailable, ensure_installed, free_port
+from test_cli import ENTRY
+
+REPO = ENTRY.parent
+SBATCH = REPO / "launch" / "slurm.sbatch"
+BUDGET_S = 360              # the whole module: apt install, cluster start and every job
+INSTALL_TIMEOUT_S = 180     # apt-get update + install; over it, the module is skipped
+TINY = ["model=tiny", "width=512", "height=512", "progress=false"]
+
+
+class BudgetExceeded(Exception):
+    pass
+
+
+def _on_alarm(signum, frame):
+    raise BudgetExceeded(f"tests/test_slurm.py ran past its {BUDGET_S} s budget")
+
+
+@pytest.fixture(scope="module")
+def budget_deadline():
+    return time.monotonic() + BUDGET_S
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, budget_deadline):
+    t0 = time.monotonic()
+    try:
+        install_s = ensure_installed(timeout=INSTALL_TIMEOUT_S)
+    except SlurmUnavailable as exc:
+        print(f"SLURM unavailable: {exc}")
+        pytest.skip(f"SLURM unavailable: {exc}")
+    slurm = LocalSlurm(tmp_path_factory.mktemp("slurm"))
+    try:
+        start_s = slurm.start(timeout=min(90.0, budget_deadline - time.monotonic()))
+        print(f"\nslurm: install {install_s:.1f} s, cluster start {start_s:.1f} s, total {time.monotonic() - t0:.1f} s")
+        yield slurm
+    finally:
+        slurm.stop()
+
+
+@pytest.fixture(autouse=True)
+def _hard_timeout(request):
+    """SIGALRM at the module's deadline: a stuck job or daemon fails the test instead of hanging."""
+    if "budget_deadline" not in request.fixturenames:
+        yield
+        return
+    left = request.getfixturevalue("budget_deadline") - time.monotonic()
+    if left <= 0:
+        pytest.fail(f"no time left in tests/test_slurm.py's {BUDGET_S} s budget")
+    previous = signal.signal(signal.SIGALRM, _on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, left)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture(scope="module")
+def k4cache(tiny_weights, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("k4cache_slurm")
+    (cache / "tiny-v1").symlink_to(tiny_weights, target_is_directory=True)
+    return cache
+
+
+def job_env(k4cache) -> dict:
+    """What the jobs get on top of this environment (--export=ALL,...): 2 CPU ranks, offline, the tiny cache."""
+    return {"NPROC_PER_NODE": "2", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "K4FLASH_CACHE": str(k4cache),
+            "MASTER_PORT": str(free_port())}
+
+
+def job_log(cluster, job_id, cwd) -> str:
+    path = Path(cluster.job(job_id).get("StdOut") or Path(cwd) / f"k4flash-{job_id}.log")
+    return path.read_text(errors="replace") if path.exists() else f"(no log at {path})"
+
+
+def explain(cluster, job_id, cwd, info) -> str:
+    return (f"job {job_id}: {info}\n===== job log\n{job_log(cluster, job_id, cwd)[-6000:]}\n"
+            f"===== daemons\n{cluster.diagnostics()[-4000:]}")
+
+
+def wait_ok(cluster, job_id, cwd, timeout) -> dict:
+    try:
+        info = cluster.wait(job_id, timeout=timeout)
+    except TimeoutError as exc:
+        pytest.fail(f"{exc}\n{explain(cluster, job_id, cwd, cluster.job(job_id))}")
+    assert info.get("JobState") == "COMPLETED" and info.get("ExitCode") == "0:0", explain(cluster, job_id, cwd, info)
+    return info
+
+
+def test_single_image_job_on_two_ranks(cluster, k4cache, tmp_path):
+    """sbatch from a directory outside the repo: the script finds the repo, runs 2 ranks, writes the image."""
+    t0 = time.monotonic()
+    job = cluster.submit(SBATCH, [*TINY, "time_length=0", "seed=3", "prompt=a red square", "save_path=out/pic.mp4"],
+                         cwd=tmp_path, export=job_env(k4cache))
+    info = wait_ok(cluster, job, tmp_path, timeout=240)
+    print(f"job {job}: {time.monotonic() - t0:.1f} s from sbatch to COMPLETED")
+    log = job_log(cluster, job, tmp_path)
+    assert Path(info["StdOut"]) == tmp_path / f"k4flash-{job}.log"
+    assert f"repo {REPO}" in log and "1 node(s) x 2 rank(s)" in log and "srun exited with status 0" in log, log
+    assert (tmp_path / "out" / "pic.png").exists(), log
+    sidecar = json.loads((tmp_path / "out" / "pic.json").read_text())
+    assert sidecar["model"] == "tiny" and sidecar["seed"] == 3 and sidecar["prompt"] == "a red square"
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch mode + resume: a batch is cancelled after its first output, then submitted again.
+# It needs `prompts_file=` / `output_dir=` (batch mode): skipped while the app lacks them.
+
+def batch_mode_available() -> bool:
+    result = subprocess.run([sys.executable, str(ENTRY), "--cfg", "job"], capture_output=True, text=True,
+                            timeout=120, env=dict(os.environ, HF_HUB_OFFLINE="1"), cwd=REPO)
+    return result.returncode == 0 and "prompts_file" in result.stdout
+
+
+def outputs(out_dir: Path) -> dict:
+    """index -> (media, sidecar) for each prompt whose media (.mp4 or .png) and JSON sidecar both exist."""
+    done = {}
+    for sidecar in sorted(out_dir.glob("[0-9][0-9][0-9][0-9][0-9]-*.json")):
+        media = [sidecar.with_suffix(ext) for ext in (".mp4", ".png") if sidecar.with_suffix(ext).exists()]
+        if media:
+            done[int(sidecar.name[:5])] = (media[0], sidecar)
+    return done
+
+
+def identity(path: Path) -> tuple:
+    st = path.stat()
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def test_batch_job_cancelled_then_resubmitted_resumes(cluster, k4cache, tmp_path):
+    if not batch_mode_available():
+        pytest.skip("batch mode not available")
+    prompts = ["a red square on a white wall", "a blue circle in the sky", "a green triangle on the grass"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    # 1 s videos: each prompt takes seconds (decode), so the cancel lands mid-batch.
+    args = [*TINY, "time_length=1", "seed=11", "prompts_file=prompts.txt", "output_dir=out"]
+    out = tmp_path / "out"
+
+    first = cluster.submit(SBATCH, args, cwd=tmp_path, export=job_env(k4cache))
+    deadline = time.monotonic() + 200
+    while not (out.exists() and outputs(out)):
+        info = cluster.job(first)
+        assert info.get("JobState") not in {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "COMPLETED"}, \
+            explain(cluster, first, tmp_path, info)
+        if time.monotonic() > deadline:
+            pytest.fail(f"no output after 200 s\n{explain(cluster, first, tmp_path, info)}")
+        time.sleep(0.2)
+    cluster.cancel(first)
+    done_at_cancel = outputs(out)
+    assert 0 in done_at_cancel, done_at_cancel
+    kept = {path: identity(path) for path in done_at_cancel[0]}
+    info = cluster.wait(first, timeout=60)
+    cluster.wait_gone(first, timeout=30)
+    assert info["JobState"] == "CANCELLED", explain(cluster, first, tmp_path, info)
+    assert len(outputs(out)) < len(prompts), f"the batch ended before the cancel: {sorted(outputs(out))}"
+
+    second = cluster.submit(SBATCH, args, cwd=tmp_path, export=job_env(k4cache))
+    wait_ok(cluster, second, tmp_path, timeout=240)
+    done = outputs(out)
+    assert sorted(done) == [0, 1, 2], (sorted(os.listdir(out)), job_log(cluster, second, tmp_path))
+    for index, prompt in enumerate(prompts):
+        assert json.loads(done[index][1].read_text())["prompt"] == prompt
+    for path, before in kept.items():
+        assert identity(path) == before, f"{path.name} was rewritten by the resubmitted job"
