@@ -4,6 +4,7 @@ Launchers set the environment: torchrun and `python -m torch.distributed.launch`
 export RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT; a plain `python` run has
 none of them and is one rank with no process group at all.
 """
+import logging
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -12,6 +13,8 @@ import torch
 import torch.distributed as dist
 
 from . import comm
+
+log = logging.getLogger("k4flash")
 
 
 @dataclass
@@ -100,6 +103,11 @@ def init_runtime(device: str = "auto", timeout_s: float = 600.0, tp=None) -> Run
     """Join the process group the launcher set up (nccl on GPU, gloo on CPU) and build the (dp, tp) mesh."""
     rank, world, local_rank = env_world()
     tp = validate_world(world, tp)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if tp > local_world and rank == 0:
+        # TP sends 2 all-reduces per block: across nodes they leave NVLink for the network.
+        log.warning("parallel.tp=%d spans nodes (%d ranks per node); prefer tp <= ranks per node and "
+                    "data parallelism across nodes", tp, local_world)
     device = resolve_device(device, local_rank)
     if world == 1:
         return Runtime(device=device)
