@@ -115,7 +115,9 @@ class LocalSlurm:
     def env(self, **extra: str) -> dict:
         """The environment for client commands (sbatch, squeue...) and, through --export, the jobs."""
         path = os.path.dirname(sys.executable) + os.pathsep + search_path()  # the jobs run this Python
-        return dict(os.environ, SLURM_CONF=str(self.conf), PATH=path, **extra)
+        # Nothing from an enclosing SLURM job (tests run inside an allocation) may leak into this cluster's.
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))}
+        return dict(env, SLURM_CONF=str(self.conf), PATH=path, **extra)
 
     def config_text(self) -> str:
         r = self.root
@@ -130,7 +132,8 @@ class LocalSlurm:
             "SlurmdUser=root",
             "AuthType=auth/munge",
             "CredType=cred/munge",
-            f"AuthInfo=socket={self.munge_socket}",
+            # cred_expire also delays a requeued job's restart (default 120 s); 10 s keeps requeue tests short.
+            f"AuthInfo=socket={self.munge_socket},cred_expire=10",
             f"StateSaveLocation={r / 'state'}",
             f"SlurmdSpoolDir={r / 'spool' / 'slurmd.%n'}",
             f"SlurmctldPidFile={r / 'run' / 'slurmctld.pid'}",
@@ -148,6 +151,7 @@ class LocalSlurm:
             "MpiDefault=none",
             "ReturnToService=2",
             "SchedulerType=sched/backfill",
+            "SchedulerParameters=sched_interval=2,bf_interval=2",  # start requeued jobs promptly
             "InactiveLimit=0",
             "KillWait=5",          # scancel: SIGTERM, then SIGKILL 5 s later
             "MinJobAge=600",       # keep finished jobs visible to `scontrol show job` for the whole test
@@ -211,7 +215,23 @@ class LocalSlurm:
         raise SlurmUnavailable(f"timed out waiting for {what}\n{self.diagnostics()}")
 
     def stop(self) -> None:
-        """Stop the daemons this object started (by pid): slurmd, slurmctld, then munged."""
+        """Cancel every job, stop the daemons this object started (by pid), then end what they left.
+
+        slurmstepd outlives slurmd, so a job still running at the end is cancelled first; any
+        process still holding this cluster's SLURM_CONF afterwards (a step daemon, a rank) is ended.
+        """
+        ctld = self.procs.get("slurmctld")
+        if ctld is not None and ctld.poll() is None:
+            try:
+                queued = self.run(["squeue", "-h", "-o", "%i"], check=False, timeout=15).stdout.split()
+                if queued:
+                    self.run(["scancel", *queued], check=False, timeout=15)
+                    deadline = time.monotonic() + 30
+                    while time.monotonic() < deadline and self.run(["squeue", "-h", "-o", "%i"], check=False,
+                                                                   timeout=15).stdout.strip():
+                        time.sleep(0.5)
+            except subprocess.TimeoutExpired:
+                pass
         for name in ("slurmd", "slurmctld", "munged"):
             proc = self.procs.get(name)
             if proc is None or proc.poll() is not None:
@@ -222,6 +242,32 @@ class LocalSlurm:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=5)
+        self._end_leftovers()
+
+    def leftover_pids(self) -> list[int]:
+        """Live processes whose environment names this cluster's slurm.conf (none but its own can)."""
+        marker = f"SLURM_CONF={self.conf}".encode()
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                if marker in (entry / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+        return pids
+
+    def _end_leftovers(self) -> None:
+        for sig, pause in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 0.5)):
+            pids = self.leftover_pids()
+            for pid in pids:
+                try:
+                    os.kill(pid, sig)
+                except OSError:
+                    pass
+            if pids:
+                time.sleep(pause)
 
     def diagnostics(self) -> str:
         parts = []
@@ -256,7 +302,7 @@ class LocalSlurm:
         if result.returncode != 0:
             return {}
         fields = {}
-        for key in ("JobState", "Reason", "ExitCode", "StdOut", "RestartCnt", "NodeList", "RunTime"):
+        for key in ("JobState", "Reason", "ExitCode", "StdOut", "Restarts", "NodeList", "RunTime"):
             match = re.search(rf"(?:^| ){key}=(\S*)", result.stdout)
             if match:
                 fields[key] = match.group(1)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from slurm_cluster import LocalSlurm, SlurmUnavailable, ensure_installed, free_port
+from slurm_cluster import TERMINAL_STATES, LocalSlurm, SlurmUnavailable, ensure_installed, free_port
 from test_cli import ENTRY
 
 REPO = ENTRY.parent
@@ -41,6 +41,8 @@ def budget_deadline():
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, budget_deadline):
     t0 = time.monotonic()
+    if os.geteuid() != 0:
+        pytest.skip("a local SLURM cluster needs root (slurmd runs jobs as their user)")
     try:
         install_s = ensure_installed(timeout=INSTALL_TIMEOUT_S)
     except SlurmUnavailable as exc:
@@ -121,8 +123,10 @@ def test_single_image_job_on_two_ranks(cluster, k4cache, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Batch mode + resume: a batch is cancelled after its first output, then submitted again.
-# It needs `prompts_file=` / `output_dir=` (batch mode): skipped while the app lacks them.
+# Batch mode + resume (`prompts_file=` / `output_dir=`): skipped while the app lacks batch mode.
+# One batch of 3 prompts is interrupted twice: first as SLURM does before a time limit (USR1 to
+# the batch script, whose trap requeues the job: same id, log appended), then by scancel, and is
+# then submitted again. Every prompt ends up done once: finished outputs are never rewritten.
 
 def batch_mode_available() -> bool:
     result = subprocess.run([sys.executable, str(ENTRY), "--cfg", "job"], capture_output=True, text=True,
@@ -145,38 +149,60 @@ def identity(path: Path) -> tuple:
     return st.st_ino, st.st_mtime_ns, st.st_size
 
 
-def test_batch_job_cancelled_then_resubmitted_resumes(cluster, k4cache, tmp_path):
+def wait_for_output(cluster, job_id, cwd, out: Path, index: int, timeout: float) -> None:
+    """Poll until prompt `index` is done; fail at once if the job ends first."""
+    deadline = time.monotonic() + timeout
+    while index not in outputs(out):
+        info = cluster.job(job_id)
+        assert info.get("JobState") not in TERMINAL_STATES, \
+            f"job ended before output {index}\n{explain(cluster, job_id, cwd, info)}"
+        if time.monotonic() > deadline:
+            pytest.fail(f"no output {index} after {timeout:.0f} s\n{explain(cluster, job_id, cwd, info)}")
+        time.sleep(0.2)
+
+
+def test_batch_job_requeued_cancelled_and_resubmitted_resumes(cluster, k4cache, tmp_path):
     if not batch_mode_available():
         pytest.skip("batch mode not available")
     prompts = ["a red square on a white wall", "a blue circle in the sky", "a green triangle on the grass"]
     (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
-    # 1 s videos: each prompt takes seconds (decode), so the cancel lands mid-batch.
+    # 1 s videos: a prompt takes ~15 s here (decode), so each interruption lands mid-batch.
     args = [*TINY, "time_length=1", "seed=11", "prompts_file=prompts.txt", "output_dir=out"]
     out = tmp_path / "out"
+    t0 = time.monotonic()
 
-    first = cluster.submit(SBATCH, args, cwd=tmp_path, export=job_env(k4cache))
-    deadline = time.monotonic() + 200
-    while not (out.exists() and outputs(out)):
-        info = cluster.job(first)
-        assert info.get("JobState") not in {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "COMPLETED"}, \
-            explain(cluster, first, tmp_path, info)
-        if time.monotonic() > deadline:
-            pytest.fail(f"no output after 200 s\n{explain(cluster, first, tmp_path, info)}")
-        time.sleep(0.2)
-    cluster.cancel(first)
-    done_at_cancel = outputs(out)
-    assert 0 in done_at_cancel, done_at_cancel
-    kept = {path: identity(path) for path in done_at_cancel[0]}
-    info = cluster.wait(first, timeout=60)
-    cluster.wait_gone(first, timeout=30)
-    assert info["JobState"] == "CANCELLED", explain(cluster, first, tmp_path, info)
-    assert len(outputs(out)) < len(prompts), f"the batch ended before the cancel: {sorted(outputs(out))}"
+    # 1. USR1 to the batch shell after the first video: the trap requeues the job, which restarts.
+    job = cluster.submit(SBATCH, args, cwd=tmp_path, export=job_env(k4cache))
+    wait_for_output(cluster, job, tmp_path, out, 0, timeout=150)
+    cluster.run(["scancel", "--batch", "--signal=USR1", job])
+    first = {path: identity(path) for path in outputs(out)[0]}
+    assert len(outputs(out)) < len(prompts)
+    deadline = time.monotonic() + 90
+    while cluster.job(job).get("Restarts") != "1":
+        assert time.monotonic() < deadline, f"not requeued\n{explain(cluster, job, tmp_path, cluster.job(job))}"
+        time.sleep(0.3)
+    t_requeued = time.monotonic()
 
-    second = cluster.submit(SBATCH, args, cwd=tmp_path, export=job_env(k4cache))
-    wait_ok(cluster, second, tmp_path, timeout=240)
+    # 2. The requeued run skips prompt 0 and writes prompt 1; then scancel it.
+    wait_for_output(cluster, job, tmp_path, out, 1, timeout=200)  # covers a 120 s requeue delay too
+    cluster.cancel(job)
+    second = {path: identity(path) for path in outputs(out)[1]}
+    info = cluster.wait(job, timeout=60)
+    cluster.wait_gone(job, timeout=30)
+    log = job_log(cluster, job, tmp_path)
+    assert info["JobState"] == "CANCELLED", explain(cluster, job, tmp_path, info)
+    assert "signal USR1, requeueing" in log and f"job {job} (restart 1)" in log, log
+    assert sorted(outputs(out)) == [0, 1], f"expected prompts 0-1 done at the cancel: {sorted(os.listdir(out))}"
+    t_cancelled = time.monotonic()
+
+    # 3. The same command again: only prompt 2 is left.
+    again = cluster.submit(SBATCH, args, cwd=tmp_path, export=job_env(k4cache))
+    wait_ok(cluster, again, tmp_path, timeout=150)
     done = outputs(out)
-    assert sorted(done) == [0, 1, 2], (sorted(os.listdir(out)), job_log(cluster, second, tmp_path))
+    assert sorted(done) == [0, 1, 2], (sorted(os.listdir(out)), job_log(cluster, again, tmp_path))
     for index, prompt in enumerate(prompts):
         assert json.loads(done[index][1].read_text())["prompt"] == prompt
-    for path, before in kept.items():
-        assert identity(path) == before, f"{path.name} was rewritten by the resubmitted job"
+    for path, before in {**first, **second}.items():
+        assert identity(path) == before, f"{path.name} was rewritten after a restart"
+    print(f"batch: first output + requeue {t_requeued - t0:.1f} s, requeued run to cancel {t_cancelled - t_requeued:.1f} s,"
+          f" resubmitted job {time.monotonic() - t_cancelled:.1f} s")
