@@ -94,9 +94,10 @@ def plan_jobs(cfg) -> list:
 def weights_dir_for(cfg) -> Path:
     if cfg.model.builtin:
         from .tiny import ensure_tiny_weights
-        log.warning("model=%s is an UNTRAINED stand-in built locally: the video is noise, not the prompt. "
-                    "It exercises the real code path; use model=kandinsky4_flash with weights for real videos.",
-                    cfg.model.name)
+        if env_world()[0] == 0:
+            log.warning("model=%s is an UNTRAINED stand-in built locally: the video is noise, not the prompt. "
+                        "It exercises the real code path; use model=kandinsky4_flash with weights for real videos.",
+                        cfg.model.name)
         return ensure_tiny_weights()
     return Path(cfg.weights_dir)
 
