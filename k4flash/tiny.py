@@ -18,6 +18,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .sampler import DEFAULT_SCHEDULER_CONFIG
+from .weights import DIT_FILENAME
+
 TINY_DIT_PARAMS = dict(
     in_visual_dim=16,
     in_text_dim=32,
@@ -58,25 +61,7 @@ TINY_T5_CONFIG = dict(
     tie_word_embeddings=False,
 )
 
-SCHEDULER_CONFIG = {
-    "_class_name": "CogVideoXDDIMScheduler",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "clip_sample": False,
-    "clip_sample_range": 1.0,
-    "num_train_timesteps": 1000,
-    "prediction_type": "v_prediction",
-    "rescale_betas_zero_snr": True,
-    "sample_max_value": 1.0,
-    "set_alpha_to_one": True,
-    "snr_shift_scale": 1.0,
-    "steps_offset": 0,
-    "thresholding": False,
-    "timestep_spacing": "trailing",
-}
-
-DIT_FILENAME = "kandinsky4_distil_512.pt"
+SCHEDULER_CONFIG = DEFAULT_SCHEDULER_CONFIG  # CogVideoX-5b's scheduler_config.json (SPEC)
 TINY_FORMAT_VERSION = 1
 _COMPLETE_MARKER = ".k4flash-tiny-complete"
 _T5_EXTRA_IDS = 100  # T5's <extra_id_N> sentinels, appended after the sentencepiece pieces

@@ -12,6 +12,14 @@ def tiny_weights(tmp_path_factory):
     return ensure_tiny_weights(tmp_path_factory.mktemp("tiny_weights"))
 
 
+@pytest.fixture(scope="session")
+def tiny_cache(tiny_weights, tmp_path_factory):
+    """A $K4FLASH_CACHE in which `model=tiny` finds the session's tiny weights (for subprocess runs)."""
+    cache = tmp_path_factory.mktemp("k4cache")
+    (cache / "tiny-v1").symlink_to(tiny_weights, target_is_directory=True)
+    return cache
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread_for_the_suite():
     """The whole suite runs tiny models with one intra-op thread (see one_torch_thread)."""

@@ -57,15 +57,8 @@ def test_slugify():
     assert len(slugify("word " * 40)) <= 48 and not slugify("word " * 40).endswith("-")
 
 
-def _env(cache):
-    return dict(os.environ, K4FLASH_CACHE=str(cache), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-
-
-@pytest.fixture(scope="module")
-def cache(tiny_weights, tmp_path_factory):
-    cache = tmp_path_factory.mktemp("k4cache")
-    (cache / "tiny-v1").symlink_to(tiny_weights, target_is_directory=True)
-    return cache
+def _env(tiny_cache):
+    return dict(os.environ, K4FLASH_CACHE=str(tiny_cache), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
 
 
 PROMPTS = "a red square\na blue circle\na green triangle\na yellow star\n"
@@ -73,10 +66,10 @@ BATCH = ["model=tiny", "prompts_file=prompts.txt", "output_dir=out", "time_lengt
          "progress=false", "save_latents=true"]
 
 
-def test_batch_resumes_and_survives_a_failing_prompt(tmp_path, cache):
+def test_batch_resumes_and_survives_a_failing_prompt(tmp_path, tiny_cache):
     (tmp_path / "prompts.txt").write_text(PROMPTS)
     (tmp_path / "out" / "00001-a-blue-circle.png").mkdir(parents=True)  # a directory where the image must go
-    first = subprocess.run([sys.executable, str(ENTRY), *BATCH], cwd=tmp_path, env=_env(cache),
+    first = subprocess.run([sys.executable, str(ENTRY), *BATCH], cwd=tmp_path, env=_env(tiny_cache),
                            capture_output=True, text=True, timeout=300)
     assert first.returncode == 1 and "1 prompt(s) failed" in first.stderr, first.stderr[-2000:]
     done = sorted(p.name for p in (tmp_path / "out").glob("*.json"))
@@ -85,7 +78,7 @@ def test_batch_resumes_and_survives_a_failing_prompt(tmp_path, cache):
     assert not list((tmp_path / "out").glob("00001-*.*.*"))  # the failed prompt left no partial files
 
     (tmp_path / "out" / "00001-a-blue-circle.png").rmdir()
-    second = subprocess.run([sys.executable, str(ENTRY), *BATCH], cwd=tmp_path, env=_env(cache),
+    second = subprocess.run([sys.executable, str(ENTRY), *BATCH], cwd=tmp_path, env=_env(tiny_cache),
                             capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-2000:]
     assert "3 of 4 prompts already done" in second.stdout + second.stderr
@@ -95,13 +88,13 @@ def test_batch_resumes_and_survives_a_failing_prompt(tmp_path, cache):
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no temp files
 
 
-def test_dp2_x_tp2_gives_the_one_rank_videos(tmp_path, cache):
+def test_dp2_x_tp2_gives_the_one_rank_videos(tmp_path, tiny_cache):
     for name, launcher in (("one", []), ("dp2tp2", ["-m", "torch.distributed.run", "--nproc-per-node", "4",
                                                      "--master-port", str(free_port())])):
         (tmp_path / name).mkdir()
         (tmp_path / name / "prompts.txt").write_text(PROMPTS)
         result = subprocess.run([sys.executable, *launcher, str(ENTRY), *BATCH, "parallel.tp=2"] if launcher else
-                                [sys.executable, str(ENTRY), *BATCH], cwd=tmp_path / name, env=_env(cache),
+                                [sys.executable, str(ENTRY), *BATCH], cwd=tmp_path / name, env=_env(tiny_cache),
                                 capture_output=True, text=True, timeout=400)
         assert result.returncode == 0, result.stderr[-3000:]
     for one in sorted((tmp_path / "one" / "out").glob("*.latents.safetensors")):
@@ -113,9 +106,9 @@ def test_dp2_x_tp2_gives_the_one_rank_videos(tmp_path, cache):
     assert len(list((tmp_path / "dp2tp2" / "outputs").glob("*/*/.hydra"))) == 1
 
 
-def test_world_not_divisible_by_tp_fails_before_loading(tmp_path, cache):
+def test_world_not_divisible_by_tp_fails_before_loading(tmp_path, tiny_cache):
     (tmp_path / "prompts.txt").write_text(PROMPTS)
-    env = dict(_env(cache), WORLD_SIZE="4", RANK="0", LOCAL_RANK="0")
+    env = dict(_env(tiny_cache), WORLD_SIZE="4", RANK="0", LOCAL_RANK="0")
     result = subprocess.run([sys.executable, str(ENTRY), *BATCH, "parallel.tp=3"], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "parallel.tp=3 does not divide the world size 4; allowed: [1, 2, 4]" in result.stderr

@@ -12,21 +12,14 @@ from k4flash.cli import strip_launcher_args
 ENTRY = Path(__file__).resolve().parents[1] / "run_inference_distil.py"
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tiny_weights, tmp_path_factory):
-    cache = tmp_path_factory.mktemp("k4cache")
-    (cache / "tiny-v1").symlink_to(tiny_weights, target_is_directory=True)
-    return cache
-
-
-def run_cli(cwd, cache_dir, *overrides, timeout=300):
-    env = dict(os.environ, K4FLASH_CACHE=str(cache_dir), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+def run_cli(cwd, tiny_cache, *overrides, timeout=300):
+    env = dict(os.environ, K4FLASH_CACHE=str(tiny_cache), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, str(ENTRY), *overrides], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
 
 
-def test_tiny_image_run_writes_image_latents_and_sidecar(tmp_path, cache_dir):
-    result = run_cli(tmp_path, cache_dir, "model=tiny", "time_length=0", "width=512", "height=512", "seed=3",
+def test_tiny_image_run_writes_image_latents_and_sidecar(tmp_path, tiny_cache):
+    result = run_cli(tmp_path, tiny_cache, "model=tiny", "time_length=0", "width=512", "height=512", "seed=3",
                      "save_path=out/pic.mp4", "save_latents=true", "progress=false")
     assert result.returncode == 0, result.stderr
     assert "UNTRAINED" in result.stdout + result.stderr
@@ -43,34 +36,34 @@ def test_tiny_image_run_writes_image_latents_and_sidecar(tmp_path, cache_dir):
     ("prompt=' '", "prompt=' ' is empty"),
     ("dtype=float8", "dtype='float8' is not supported"),
 ])
-def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, cache_dir, override, message):
-    result = run_cli(tmp_path, cache_dir, "model=tiny", override, "save_path=out/v.mp4")
+def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, tiny_cache, override, message):
+    result = run_cli(tmp_path, tiny_cache, "model=tiny", override, "save_path=out/v.mp4")
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], result.stderr
     assert not (tmp_path / "out").exists()
 
 
-def test_missing_weights_dir_names_the_file(tmp_path, cache_dir):
-    result = run_cli(tmp_path, cache_dir, f"weights_dir={tmp_path / 'nowhere'}", "save_path=v.mp4")
+def test_missing_weights_dir_names_the_file(tmp_path, tiny_cache):
+    result = run_cli(tmp_path, tiny_cache, f"weights_dir={tmp_path / 'nowhere'}", "save_path=v.mp4")
     assert result.returncode == 2
     assert "kandinsky4_distil_512.pt" in result.stderr and "ai-forever/kandinsky-4-t2v-flash" in result.stderr
 
 
-def test_existing_output_is_not_clobbered(tmp_path, cache_dir):
+def test_existing_output_is_not_clobbered(tmp_path, tiny_cache):
     (tmp_path / "v.png").write_bytes(b"keep")
-    result = run_cli(tmp_path, cache_dir, "model=tiny", "time_length=0", "width=512", "height=512", "save_path=v.mp4")
+    result = run_cli(tmp_path, tiny_cache, "model=tiny", "time_length=0", "width=512", "height=512", "save_path=v.mp4")
     assert result.returncode == 2 and "overwrite=true" in result.stderr
     assert (tmp_path / "v.png").read_bytes() == b"keep"
 
 
-def test_typo_in_override_fails_with_hydra_message(tmp_path, cache_dir):
-    result = run_cli(tmp_path, cache_dir, "model=tiny", "time_lenght=3")
+def test_typo_in_override_fails_with_hydra_message(tmp_path, tiny_cache):
+    result = run_cli(tmp_path, tiny_cache, "model=tiny", "time_lenght=3")
     assert result.returncode != 0 and "time_lenght" in result.stderr
 
 
-def test_launcher_local_rank_is_accepted_and_cfg_job_prints_config(tmp_path, cache_dir):
-    result = run_cli(tmp_path, cache_dir, "--local-rank=0", "model=tiny", "--cfg", "job")
+def test_launcher_local_rank_is_accepted_and_cfg_job_prints_config(tmp_path, tiny_cache):
+    result = run_cli(tmp_path, tiny_cache, "--local-rank=0", "model=tiny", "--cfg", "job")
     assert result.returncode == 0, result.stderr
     assert "time_length: 1" in result.stdout and "name: tiny" in result.stdout
 

@@ -20,10 +20,8 @@ LAUNCHERS = {
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_weights, tmp_path_factory):
-    cache = tmp_path_factory.mktemp("k4cache")
-    (cache / "tiny-v1").symlink_to(tiny_weights, target_is_directory=True)
-    env = dict(os.environ, K4FLASH_CACHE=str(cache), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+def runs(tiny_cache, tmp_path_factory):
+    env = dict(os.environ, K4FLASH_CACHE=str(tiny_cache), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     out = {}
     for name, launcher in LAUNCHERS.items():
         cwd = tmp_path_factory.mktemp(name)

@@ -73,16 +73,9 @@ def _hard_timeout(request):
         signal.signal(signal.SIGALRM, previous)
 
 
-@pytest.fixture(scope="module")
-def k4cache(tiny_weights, tmp_path_factory):
-    cache = tmp_path_factory.mktemp("k4cache_slurm")
-    (cache / "tiny-v1").symlink_to(tiny_weights, target_is_directory=True)
-    return cache
-
-
-def job_env(k4cache) -> dict:
+def job_env(tiny_cache) -> dict:
     """What the jobs get on top of this environment (--export=ALL,...): 2 CPU ranks, offline, the tiny cache."""
-    return {"NPROC_PER_NODE": "2", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "K4FLASH_CACHE": str(k4cache),
+    return {"NPROC_PER_NODE": "2", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "K4FLASH_CACHE": str(tiny_cache),
             "MASTER_PORT": str(free_port())}
 
 
@@ -105,11 +98,11 @@ def wait_ok(cluster, job_id, cwd, timeout) -> dict:
     return info
 
 
-def test_single_image_job_on_two_ranks(cluster, k4cache, tmp_path):
+def test_single_image_job_on_two_ranks(cluster, tiny_cache, tmp_path):
     """sbatch from a directory outside the repo: the script finds the repo, runs 2 ranks, writes the image."""
     t0 = time.monotonic()
     job = cluster.submit(SBATCH, [*TINY, "time_length=0", "seed=3", "prompt=a red square", "save_path=out/pic.mp4"],
-                         cwd=tmp_path, export=job_env(k4cache))
+                         cwd=tmp_path, export=job_env(tiny_cache))
     info = wait_ok(cluster, job, tmp_path, timeout=240)
     print(f"job {job}: {time.monotonic() - t0:.1f} s from sbatch to COMPLETED")
     log = job_log(cluster, job, tmp_path)
@@ -155,7 +148,7 @@ def wait_for_output(cluster, job_id, cwd, out: Path, index: int, timeout: float)
         time.sleep(0.2)
 
 
-def test_batch_job_requeued_cancelled_and_resubmitted_resumes(cluster, k4cache, tmp_path):
+def test_batch_job_requeued_cancelled_and_resubmitted_resumes(cluster, tiny_cache, tmp_path):
     prompts = ["a red square on a white wall", "a blue circle in the sky", "a green triangle on the grass"]
     (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
     # 1 s videos: a prompt takes ~15 s here (decode), so each interruption lands mid-batch.
@@ -164,7 +157,7 @@ def test_batch_job_requeued_cancelled_and_resubmitted_resumes(cluster, k4cache, 
     t0 = time.monotonic()
 
     # 1. USR1 to the batch shell after the first video: the trap requeues the job, which restarts.
-    job = cluster.submit(SBATCH, args, cwd=tmp_path, export=job_env(k4cache))
+    job = cluster.submit(SBATCH, args, cwd=tmp_path, export=job_env(tiny_cache))
     wait_for_output(cluster, job, tmp_path, out, 0, timeout=150)
     cluster.run(["scancel", "--batch", "--signal=USR1", job])
     first = {path: identity(path) for path in outputs(out)[0]}
@@ -188,7 +181,7 @@ def test_batch_job_requeued_cancelled_and_resubmitted_resumes(cluster, k4cache, 
     t_cancelled = time.monotonic()
 
     # 3. The same command again: only prompt 2 is left.
-    again = cluster.submit(SBATCH, args, cwd=tmp_path, export=job_env(k4cache))
+    again = cluster.submit(SBATCH, args, cwd=tmp_path, export=job_env(tiny_cache))
     wait_ok(cluster, again, tmp_path, timeout=150)
     done = outputs(out)
     assert sorted(done) == [0, 1, 2], (sorted(os.listdir(out)), job_log(cluster, again, tmp_path))
