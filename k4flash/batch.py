@@ -55,7 +55,9 @@ def read_prompts_file(path, defaults: dict, output_dir) -> list:
     """
     path, output_dir = Path(path), Path(output_dir)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        # "\n" only (and a CRLF's "\r"): str.splitlines() would also split a prompt at \x0b, \x1c,
+        # \u2028 and others, shifting every later line number and output name.
+        lines = [line.removesuffix("\r") for line in path.read_text(encoding="utf-8").split("\n")]
     except (OSError, UnicodeDecodeError) as err:
         raise ValueError(f"prompts_file {path} cannot be read: {err}") from err
     jobs = []

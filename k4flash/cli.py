@@ -5,17 +5,21 @@ is one line on stderr with exit status 2.
 """
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
+from parallel.health import RankHealth, is_collective_failure
 from parallel.runtime import env_world, init_runtime, resolve_device, shutdown_runtime, validate_world
 
 from .batch import Job, read_prompts_file
 from .geometry import validate_request
+from .sampler import NonFiniteLatentsError
 from .weights import CheckpointError
 
 log = logging.getLogger("k4flash")
@@ -102,10 +106,22 @@ def weights_dir_for(cfg) -> Path:
     return Path(cfg.weights_dir)
 
 
-def build_pipeline(cfg, runtime, dtype):
+def check_weights(cfg) -> Path:
+    """The weights folder, built (tiny) or checked for completeness before any process group or load.
+
+    With downloads allowed and online, missing files are fetched later, on rank 0 only.
+    """
+    weights_dir = weights_dir_for(cfg)
+    if cfg.model.builtin or not cfg.download or os.environ.get("HF_HUB_OFFLINE"):
+        from .weights import resolve_weight_paths
+        resolve_weight_paths(weights_dir, download=False)
+    return weights_dir
+
+
+def build_pipeline(cfg, runtime, dtype, weights_dir):
     from .pipeline import get_T2V_pipeline  # heavy imports (diffusers, transformers) only past validation
 
-    kwargs = dict(cache_dir=weights_dir_for(cfg), dtype=dtype, download=cfg.download,
+    kwargs = dict(cache_dir=weights_dir, dtype=dtype, download=cfg.download,
                   dit_params=OmegaConf.to_container(cfg.model.dit_params))
     if runtime.distributed:
         from parallel.build import get_parallel_T2V_pipeline
@@ -113,34 +129,86 @@ def build_pipeline(cfg, runtime, dtype):
     return get_T2V_pipeline(runtime.device, **kwargs)
 
 
+class DistributedFailure(RuntimeError):
+    """Another rank died, hung or failed; the message names it (exit status 3)."""
+
+
+class Terminated(BaseException):
+    """SIGTERM (the launcher or the scheduler stopping this rank): unwind like Ctrl-C, cleaning up."""
+
+
+_UNWINDING = threading.Event()  # set while a failure is being reported: a late SIGTERM must not cut it short
+
+
+def _raise_terminated(signum, frame):
+    if not _UNWINDING.is_set():
+        _UNWINDING.set()
+        raise Terminated(f"received {signal.Signals(signum).name}")
+
+
+def validate_parallel(cfg) -> int:
+    """The TP degree this launch will use, checked against the world size and the model's widths."""
+    world = env_world()[1]
+    try:
+        tp = validate_world(world, cfg.parallel.tp)
+        if tp > 1:
+            from parallel.tp import validate_tp_degree
+            validate_tp_degree(OmegaConf.to_container(cfg.model.dit_params), tp)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    return tp
+
+
 def generate_from_config(cfg) -> int:
     """Plan, load once, generate this rank's share of the jobs; returns how many failed (all ranks)."""
     # 1. Everything the user typed, checked before any weights load or process group forms.
     jobs = plan_jobs(cfg)
-    validate_world(env_world()[1], cfg.parallel.tp)
+    validate_parallel(cfg)
     device = resolve_device(cfg.device, env_world()[2])
     dtype = resolve_dtype(cfg.dtype, device)
     batch = bool(cfg.prompts_file)
-    overwrite = cfg.overwrite or batch  # a batch job still pending may have a stale half: replace it
     todo = [job for job in jobs if cfg.overwrite or not batch or not job.is_complete()]
     if len(todo) < len(jobs):
         log.info("resuming: %d of %d prompts already done in %s", len(jobs) - len(todo), len(jobs), cfg.output_dir)
     if not todo:  # every rank sees the same files, so every rank stops here together
         return 0
+    # Before the process group: transformers writes files on rank 0 only once one exists.
+    weights_dir = check_weights(cfg)
 
-    # 2. Join the (dp, tp) mesh; load T5, DiT, VAE once (the checkpoint is checked before it materialises).
+    # 2. Join the (dp, tp) mesh, with heartbeats so that a failure names the rank at fault.
     runtime = init_runtime(cfg.device, cfg.parallel.timeout_s, tp=cfg.parallel.tp)
+    health = RankHealth.start(runtime.rank, runtime.world_size) if runtime.distributed else None
+    try:
+        return _generate(cfg, runtime, dtype, weights_dir, todo, batch, health)
+    except BaseException as err:
+        if health is None:
+            raise
+        _UNWINDING.set()  # torchrun SIGTERMs the survivors when a rank dies: finish naming it first
+        health.report(err)
+        if runtime.is_main and (is_collective_failure(err) or isinstance(err, Terminated)):
+            raise DistributedFailure(health.explain(err)) from err
+        raise
+    finally:
+        if health is not None:
+            health.stop()
+
+
+def _generate(cfg, runtime, dtype, weights_dir, todo, batch, health) -> int:
+    # 3. Load T5, DiT, VAE once (the checkpoint is checked before it materialises).
     clock = time.perf_counter()
-    pipe = build_pipeline(cfg, runtime, dtype)
+    pipe = build_pipeline(cfg, runtime, dtype, weights_dir)
     load_s = time.perf_counter() - clock
     log.info("loaded %s on %s (%s, %d rank(s): dp %d x tp %d) in %.1f s", cfg.model.name, runtime.device,
              str(dtype).replace("torch.", ""), runtime.world_size, runtime.dp_size, runtime.tp_size, load_s)
     metadata = {"model": cfg.model.name, "untrained": bool(cfg.model.untrained),
                 "config": OmegaConf.to_container(cfg, resolve=True)}
+    overwrite = cfg.overwrite or batch  # a batch job still pending may have a stale half: replace it
 
-    # 3. Each TP group takes every dp_size-th job; its first rank decodes and writes.
+    # 4. Each TP group takes every dp_size-th job; its first rank decodes and writes.
     failed = 0
     for job in todo[runtime.dp_rank::runtime.dp_size]:
+        if health is not None:
+            health.mark(f"prompt {job.index}")
         try:
             generation = pipe.generate(job.prompt, job.time_length, job.width, job.height, job.seed,
                                        progress=cfg.progress)
@@ -149,34 +217,58 @@ def generate_from_config(cfg) -> int:
                 written = pipe.write_outputs(generation, job.save_path, save_latents=cfg.save_latents,
                                              overwrite=overwrite, extra_metadata={**metadata, "index": job.index})
                 log.info("wrote %s (%s)", written, ", ".join(f"{k} {v:.2f}" for k, v in generation.timings.items()))
-        except (torch.distributed.DistError, KeyboardInterrupt):
-            raise  # a rank is gone or the user stopped us: not a per-prompt failure
         except Exception as err:  # one bad prompt must not sink the batch
-            if not batch:
-                raise
+            if not batch or is_collective_failure(err):
+                raise  # a rank is gone: not a per-prompt failure
             failed += 1
             log.error("prompt %d (%.60r) failed: %s: %s", job.index, job.prompt, type(err).__name__, err)
     return runtime.sum_over_ranks(failed if pipe.is_main else 0)
 
 
-def run(cfg) -> None:
-    """Run the configured generation(s); bad input exits 2 with one line, failed prompts exit 1.
+INPUT_ERRORS = (UsageError, ValueError, FileNotFoundError, FileExistsError, CheckpointError)
+EXIT_INPUT, EXIT_FAILED, EXIT_DISTRIBUTED, EXIT_SIGINT, EXIT_SIGTERM = 2, 1, 3, 130, 143
 
-    Under torchrun every rank runs this; rank 0 logs and prints errors, each TP group's
-    first rank writes its videos.
+
+def run(cfg) -> None:
+    """Run the configured generation(s) and exit with a status that says what happened.
+
+    0 done · 1 a prompt failed (batch: the others are written; non-finite latents) · 2 bad
+    input, before anything loads · 3 another rank died, hung or failed (rank 0 names it)
+    · 130 Ctrl-C · 143 SIGTERM. Every failure is one `error:` line from rank 0, finished
+    outputs are kept, nothing half-written is left, and the process group is destroyed on
+    every path. Under torchrun every rank runs this; each TP group's first rank writes.
     """
     is_main = env_world()[0] == 0
     if not is_main:
         logging.getLogger().setLevel(logging.WARNING)
+    on_main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there
+    if on_main_thread:
+        _UNWINDING.clear()
+        signal.signal(signal.SIGTERM, _raise_terminated)
+    code, message = 0, None
     try:
         failed = generate_from_config(cfg)
-    except (UsageError, ValueError, FileNotFoundError, FileExistsError, CheckpointError) as err:
-        if is_main:
-            print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        if failed:
+            code, message = EXIT_FAILED, f"{failed} prompt(s) failed; re-run the same command to retry them"
+    except INPUT_ERRORS as err:
+        code, message = EXIT_INPUT, str(err)
+    except NonFiniteLatentsError as err:
+        code, message = EXIT_FAILED, str(err)
+    except DistributedFailure as err:
+        code, message = EXIT_DISTRIBUTED, f"distributed run failed: {err}"
+    except KeyboardInterrupt:
+        code, message = EXIT_SIGINT, "interrupted; finished outputs are kept, re-run the same command to resume"
+    except Terminated as err:
+        code, message = EXIT_SIGTERM, f"terminated ({err}); finished outputs are kept, re-run to resume"
+    except Exception as err:
+        if not is_collective_failure(err):
+            raise
+        code, message = EXIT_DISTRIBUTED, f"distributed run failed: {str(err).splitlines()[0]}"
     finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
         shutdown_runtime()
-    if failed:
+    if code:
         if is_main:
-            print(f"error: {failed} prompt(s) failed; re-run the same command to retry them", file=sys.stderr)
-        sys.exit(1)
+            print(f"error: {message}", file=sys.stderr)
+        sys.exit(code)

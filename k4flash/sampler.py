@@ -67,12 +67,34 @@ def x0_from_velocity(latent, velocity, alpha_cumprod: float):
     return alpha_cumprod ** 0.5 * latent - (1.0 - alpha_cumprod) ** 0.5 * velocity
 
 
+class NonFiniteLatentsError(FloatingPointError):
+    """The DiT produced NaN or infinity: the video would be garbage, so nothing is decoded or written."""
+
+
+def check_finite_steps(step_is_finite: list, schedule: Schedule) -> None:
+    """Raise NonFiniteLatentsError naming the first step whose latents were not all finite.
+
+    `step_is_finite` holds one boolean tensor per step, still on the device: this is the
+    only host sync of the check, once per video rather than once per step or block.
+    """
+    if not step_is_finite:
+        return
+    flags = torch.stack(step_is_finite).cpu()
+    if bool(flags.all()):
+        return
+    step = int((~flags).nonzero()[0])
+    raise NonFiniteLatentsError(
+        f"latents are not finite after denoising step {step + 1} of {len(schedule.timesteps)} "
+        f"(timestep {schedule.timesteps[step]}): the DiT produced NaN/inf (check the weights and dtype)")
+
+
 def sample(velocity_fn, shape, schedule: Schedule, seed: int, device="cpu", noise_dtype=torch.bfloat16,
-           on_step=None) -> torch.Tensor:
+           on_step=None, check_finite=True) -> torch.Tensor:
     """Run the renoise sampler; returns the final latents (shape, float32, on `device`).
 
     velocity_fn(latent (shape, float64), timestep: int) → velocity (shape), any float dtype.
     on_step(i, timestep, latent) is called after each step (progress, checks).
+    check_finite: raise NonFiniteLatentsError, naming the step, if any step's latents hold NaN/inf.
     """
     generator = torch.Generator("cpu").manual_seed(seed)
     state_dtype = latent_dtype_for(device)
@@ -81,10 +103,14 @@ def sample(velocity_fn, shape, schedule: Schedule, seed: int, device="cpu", nois
         return torch.randn(shape, generator=generator).to(noise_dtype).to(device=device, dtype=state_dtype)
 
     latent = draw()
+    step_is_finite = []
     for i, (timestep, alpha) in enumerate(zip(schedule.timesteps, schedule.alphas_cumprod)):
         latent = renoise(latent, draw(), alpha)
         velocity = velocity_fn(latent, timestep).to(state_dtype)
         latent = x0_from_velocity(latent, velocity, alpha)
+        if check_finite:
+            step_is_finite.append(torch.isfinite(latent).all())  # stays on the device: no sync here
         if on_step is not None:
             on_step(i, timestep, latent)
+    check_finite_steps(step_is_finite, schedule)
     return latent.float()

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .sampler import DEFAULT_SCHEDULER_CONFIG
-from .weights import DIT_FILENAME
+from .weights import DIT_FILENAME, REQUIRED_FILES, check_component
 
 TINY_DIT_PARAMS = dict(
     in_visual_dim=16,
@@ -297,10 +297,14 @@ def _build_tiny_weights(folder: Path) -> None:
             for parameter in vae.decoder.conv_out.parameters():
                 parameter.mul_(0.35)
         vae.save_pretrained(folder / "vae")
+        # is_main_process alone is not enough: under an initialised process group transformers
+        # writes on rank 0 only, so build the cache before joining one (k4flash.cli does).
         fill_deterministic_(text_encoder, _T5_SEED).save_pretrained(folder / "text_encoder")
 
     (folder / "scheduler").mkdir()
     _write_json(folder / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIG)
+    for kind in REQUIRED_FILES:  # a writer that silently skipped a file must not leave a "complete" cache
+        check_component(kind, folder / kind)
     # Written last: its presence means every other file is complete.
     _write_json(folder / _COMPLETE_MARKER, {"format": "k4flash-tiny", "version": TINY_FORMAT_VERSION})
 

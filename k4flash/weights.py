@@ -24,6 +24,34 @@ class CheckpointError(ValueError):
     """A DiT checkpoint that does not fit the model (missing/extra/misshaped key, unreadable file)."""
 
 
+# What makes a component folder loadable: every group must have at least one file present.
+REQUIRED_FILES = {
+    "vae": (("config.json",), ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
+                               "diffusion_pytorch_model.safetensors.index.json")),
+    "text_encoder": (("config.json",), ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                                        "pytorch_model.bin.index.json")),
+    "tokenizer": (("spiece.model", "tokenizer.json"),),
+    "scheduler": (("scheduler_config.json",),),
+}
+
+
+def check_component(kind: str, path: Path) -> None:
+    """Raise FileNotFoundError when a weights folder lacks a file its loader needs (before loading anything)."""
+    path = Path(path)
+    if kind == "dit":
+        if not path.is_file():
+            raise FileNotFoundError(f"dit weights at {path} are not a file")
+        return
+    if kind == "scheduler" and path.is_file():  # a scheduler_config.json given directly
+        return
+    if not path.is_dir():
+        raise FileNotFoundError(f"{kind} weights at {path} are not a folder")
+    for alternatives in REQUIRED_FILES[kind]:
+        if not any((path / name).is_file() for name in alternatives):
+            raise FileNotFoundError(f"{kind} weights at {path} are incomplete: none of {', '.join(alternatives)} "
+                                    f"is there")
+
+
 @dataclass
 class WeightPaths:
     dit: Path
@@ -65,6 +93,7 @@ def resolve_weight_paths(cache_dir="./weights/", dit_path=None, text_encoder_pat
             source = f"{repo}/{filename or subfolder}"
             raise FileNotFoundError(f"{kind} weights not found at {path}; put {source} (Hugging Face) there "
                                     f"or pass its path explicitly")
+        check_component(kind, path)
         resolved[kind] = path
     return WeightPaths(**resolved)
 

@@ -1,9 +1,10 @@
 """The 4-step renoise sampler against SPEC's pseudocode and the scheduler config."""
 import json
 
+import pytest
 import torch
 
-from k4flash.sampler import DEFAULT_SCHEDULER_CONFIG, load_schedule, sample
+from k4flash.sampler import DEFAULT_SCHEDULER_CONFIG, NonFiniteLatentsError, load_schedule, sample
 
 
 def test_schedule_is_the_distilled_one():
@@ -61,3 +62,25 @@ def test_first_step_input_is_the_first_renoise_draw():
     torch.randn((2, 2, 2, 16), generator=g)
     second = torch.randn((2, 2, 2, 16), generator=g).to(torch.bfloat16).double()
     torch.testing.assert_close(seen[0], second, rtol=0, atol=0)
+
+
+def test_non_finite_latents_name_the_step():
+    schedule = load_schedule()
+    calls = []
+
+    def velocity(latent, timestep):
+        calls.append(timestep)
+        v = torch.zeros_like(latent)
+        if timestep == 499:  # the third step blows up in one element
+            v[0, 1, 2, 3] = float("nan")
+        return v
+
+    with pytest.raises(NonFiniteLatentsError, match=r"step 3 of 4 \(timestep 499\)"):
+        sample(velocity, (1, 4, 4, 16), schedule, seed=0)
+    assert calls == [999, 749, 499, 249]  # checked once at the end, not with a sync per step
+
+    # Infinity is caught too, and the first bad step is the one named.
+    with pytest.raises(NonFiniteLatentsError, match=r"step 1 of 4 \(timestep 999\)"):
+        sample(lambda z, t: torch.full_like(z, float("inf")), (1, 4, 4, 16), schedule, seed=0)
+    finite = sample(lambda z, t: torch.zeros_like(z), (1, 4, 4, 16), schedule, seed=0)
+    assert torch.isfinite(finite).all()
