@@ -136,10 +136,23 @@ def check_state_dict(state: dict, expected: dict, source="checkpoint") -> None:
                                   f"the model expects {tuple(expected[key].shape)}")
 
 
+def safetensors_sibling(checkpoint_path) -> Path:
+    """`x.pt` → `x.safetensors` (`python -m parallel.convert x.pt` writes it)."""
+    path = Path(checkpoint_path)
+    return path if path.suffix == ".safetensors" else path.with_suffix(".safetensors")
+
+
+def preferred_checkpoint(checkpoint_path) -> Path:
+    """The safetensors copy when there is one (no unpickling at all, and sliceable), else the file itself."""
+    sibling = safetensors_sibling(checkpoint_path)
+    return sibling if sibling.is_file() else Path(checkpoint_path)
+
+
 def load_dit(params: dict, checkpoint_path, device="cpu", dtype=torch.float32) -> DiffusionTransformer3D:
     """Build the DiT on the meta device, load the checkpoint strictly, move, eval."""
     with torch.device("meta"):
         model = DiffusionTransformer3D(**params)
+    checkpoint_path = preferred_checkpoint(checkpoint_path)
     state = read_checkpoint(checkpoint_path)
     check_state_dict(state, model.state_dict(), source=f"DiT checkpoint {checkpoint_path}")
     state = {k: v for k, v in state.items() if k not in DERIVED_KEYS}

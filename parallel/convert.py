@@ -11,9 +11,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from k4flash.weights import CheckpointError, read_checkpoint
-
-from .load import safetensors_sibling
+from k4flash.weights import CheckpointError, read_checkpoint, safetensors_sibling
 
 
 def convert(pt_path, out_path=None, overwrite=False) -> Path:

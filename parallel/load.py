@@ -12,16 +12,11 @@ import torch
 from safetensors import safe_open
 
 from k4flash.dit import DiffusionTransformer3D
-from k4flash.weights import check_state_dict, read_checkpoint
+from k4flash.weights import check_state_dict, read_checkpoint, safetensors_sibling
 
 from .tp import parallelize_dit, shard_plan_for, take_shard, validate_tp_degree
 
 log = logging.getLogger("k4flash")
-
-
-def safetensors_sibling(checkpoint_path) -> Path:
-    path = Path(checkpoint_path)
-    return path if path.suffix == ".safetensors" else path.with_suffix(".safetensors")
 
 
 class _SafetensorsSource:

@@ -6,6 +6,7 @@ DiT call at that denoising step (1-based) of its <video>-th video (default 1):
   hang       sleep forever in the main thread (the heartbeat thread runs on: a hang, not a death)
   raise      raise MemoryError
   interrupt  send SIGINT to its whole process group, as Ctrl-C in a terminal does
+  nan        return a velocity of NaN (a numerically broken model)
 The injection patches the pipeline's sampler from outside; the product code has no hook.
 """
 import os
@@ -18,6 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # like run_inference_distil.py, whose folder is the checkout
 import k4flash.pipeline  # noqa: E402
+import torch  # noqa: E402
 
 ENTRY = ROOT / "run_inference_distil.py"
 action, fault_rank, fault_step, *fault_video = os.environ["K4FLASH_TEST_FAULT"].split(":")
@@ -45,6 +47,8 @@ def faulty_sample(velocity_fn, *args, **kwargs):
                 raise MemoryError("injected: out of memory")
             elif action == "interrupt":
                 os.killpg(os.getpgid(0), signal.SIGINT)
+            elif action == "nan":
+                return torch.full_like(velocity_fn(latent, timestep), float("nan"))
         return velocity_fn(latent, timestep)
 
     return real_sample(velocity, *args, **kwargs)

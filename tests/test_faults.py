@@ -81,6 +81,14 @@ def test_ctrl_c_exits_130_and_writes_nothing(tmp_path, tiny_cache):
     assert leftovers(tmp_path / "out") == []
 
 
+def test_non_finite_latents_fail_the_prompt_naming_the_step(tmp_path, tiny_cache):
+    result, _ = run_with_fault(tmp_path, tiny_cache, "nan:0:2", [*IMAGE, "save_path=out/v.mp4"])
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert error_lines(result) == ["error: latents are not finite after denoising step 2 of 4 (timestep 749): the DiT "
+                                   "produced NaN/inf (check the weights and dtype)"]
+    assert leftovers(tmp_path / "out") == []
+
+
 def test_a_batch_killed_mid_video_resumes_without_loss_or_redo(tmp_path, tiny_cache):
     (tmp_path / "prompts.txt").write_text("a red square\na blue circle\na green triangle\n")
     batch = [*IMAGE, "prompts_file=prompts.txt", "output_dir=out"]
