@@ -1,16 +1,17 @@
 """Pipeline stage times on the tiny model: T5 encode, DiT denoise, VAE decode, MP4 write, end-to-end.
 
-    python -m bench.pipeline_stages [--time-length 1] [--width 672] [--height 384] [--repeats 3] [--threads 1]
-                                    [--compile] [--json F] [--md F]
+    python -m bench.pipeline_stages [--time-length 1] [--width 672] [--height 384] [--repeats 3] [--warmup 1]
+                                    [--threads 1] [--compile] [--json F] [--md F]
 
 The real code path (get_T2V_pipeline → generate → write_outputs) on the built-in tiny
 model (k4flash.tiny: the published formats at tiny widths, cached in $K4FLASH_CACHE), on
-CPU in float32. One warm-up generation, then `--repeats` timed ones; each stage's median
-comes from the pipeline's own timings (Generation.timings, write_s), end-to-end is the
+CPU in float32. `--warmup` untimed generations (default 1), then `--repeats` timed
+ones; each stage's median comes from the pipeline's own timings (Generation.timings, write_s), end-to-end is the
 wall time of generate + write. The tiny model's split between stages is not the
 published model's (see bench.cost_model): this measures the pipeline's overheads.
 """
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -38,7 +39,6 @@ def run_once(pipe, request, save_path) -> dict:
     end_to_end = time.perf_counter() - start
     timings = dict(generation.timings)
     # write_outputs records write_s in the sidecar only; read it back from there.
-    import json
     sidecar = json.loads(save_path.with_suffix(".json").read_text())
     timings["write_s"] = sidecar["timings"]["write_s"]
     timings["end_to_end_s"] = end_to_end
@@ -51,6 +51,7 @@ def main(argv=None):
     parser.add_argument("--width", type=int, default=672)
     parser.add_argument("--height", type=int, default=384)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed generations first (0: CI smoke run)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--compile", action="store_true", help="get_T2V_pipeline(compile=True)")
     add_output_args(parser)
@@ -74,13 +75,13 @@ def main(argv=None):
                     latent=f"{frames}x{h}x{w}", dit_tokens=f"{frames * h * w // 4}+224")
     with tempfile.TemporaryDirectory() as tmp:
         save_path = Path(tmp) / "bench.mp4"
-        warmup = run_once(pipe, request, save_path)
+        warmups = [run_once(pipe, request, save_path) for _ in range(args.warmup)]
         runs = [run_once(pipe, request, save_path) for _ in range(args.repeats)]
     rows = []
     for key, stage in STAGES:
         times = [r[key] for r in runs]
         rows.append(dict(stage=stage, key=key, median_s=statistics.median(times), min_s=min(times), times_s=times,
-                         warmup_s=warmup[key]))
+                         warmup_s=warmups[0][key] if warmups else None))
     total = next(r["median_s"] for r in rows if r["key"] == "end_to_end_s")
     for row in rows:
         row["share"] = row["median_s"] / total
