@@ -54,7 +54,7 @@ def build_random_dit(params, device, dtype, seed=0):
         if param.ndim == 2:
             std = 1 / math.sqrt(param.shape[1]) * (0.1 if "modulation" in name else 1.0)
             param.normal_(0.0, std, generator=generator)
-        elif name.endswith("norm.weight") or ".norm.weight" in name:
+        elif name.endswith("norm.weight"):
             param.fill_(1.0)
         else:
             param.zero_()
