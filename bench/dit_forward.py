@@ -1,16 +1,17 @@
-"""Time one DiT forward on CPU, with SPEC's literal formulation as an in-run baseline.
+"""DiT forward time on CPU: ours eager, ours torch.compile'd, and SPEC's literal formulation, in one run.
 
-    python bench/dit_forward.py [--config mid|tiny] [--threads 1] [--repeats 5] [--json out.json] [--no-reference]
+    python -m bench.dit_forward [--config mid|tiny] [--threads 1] [--repeats 5] [--compile] [--no-reference]
+                                [--json F] [--md F]
 
-Random non-zero weights (k4flash.tiny.fill_deterministic_), float32, no_grad, one
-warm-up call, then `--repeats` timed calls. `k4flash.reference.reference_forward` runs
-on the same weights and inputs (once, plus a second time if the first took < 60 s) and
-the speed-up is measured in the same process; its output also checks the fast path.
+Random non-zero weights (k4flash.tiny.fill_deterministic_), float32, no_grad. Ours: one
+warm-up call, then `--repeats` timed calls. `--compile` then compiles the blocks in place
+(DiffusionTransformer3D.compile_blocks), times the first call (the compile) on its own and
+`--repeats` calls after it. `k4flash.reference.reference_forward` (separate visual/text
+passes, RoPE tables rebuilt per call) runs on the same weights and inputs once, plus a
+second time if the first took < 60 s; its output also checks ours. Ratios are medians
+measured in this process.
 """
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -18,8 +19,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+if __package__ in (None, ""):  # `python bench/dit_forward.py` from a checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.report import Report, add_output_args  # noqa: E402
 from k4flash.dit import DiffusionTransformer3D  # noqa: E402
 from k4flash.reference import reference_forward  # noqa: E402
 from k4flash.tiny import TINY_DIT_PARAMS, fill_deterministic_  # noqa: E402
@@ -44,61 +47,69 @@ def timed(fn, repeats):
     return out, times
 
 
+def config_inputs(config, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, *config["latent"], generator=generator)
+    text = torch.randn(1, config["text_tokens"], config["params"]["in_text_dim"], generator=generator)
+    return x, text, torch.tensor([TIMESTEP])
+
+
+def _row(variant, times, out, baseline_out, first_call_s=None):
+    return dict(variant=variant, median_s=statistics.median(times), min_s=min(times), times_s=times,
+                first_call_s=first_call_s,
+                max_abs_diff=None if baseline_out is None else (out - baseline_out).abs().max().item())
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", choices=sorted(CONFIGS), default="mid")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--compile", action="store_true", help="also time the torch.compile'd blocks")
+    parser.add_argument("--backend", default="inductor", help="torch.compile backend for --compile")
     parser.add_argument("--no-reference", action="store_true", help="skip the slow reference baseline")
+    add_output_args(parser)
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     config = CONFIGS[args.config]
     params = config["params"]
     model = fill_deterministic_(DiffusionTransformer3D(**params), seed=0).eval()
-    generator = torch.Generator().manual_seed(1)
-    x = torch.randn(1, *config["latent"], generator=generator)
-    text = torch.randn(1, config["text_tokens"], params["in_text_dim"], generator=generator)
-    timestep = torch.tensor([TIMESTEP])
-
+    x, text, timestep = config_inputs(config)
+    grid = [s // p for s, p in zip(config["latent"][:3], params["patch_size"])]
+    report = Report("dit_forward", config=args.config, dtype="float32", threads=args.threads, repeats=args.repeats,
+                    tokens=f"{grid[0] * grid[1] * grid[2]}+{config['text_tokens']}", params=params)
+    rows = []
     with torch.no_grad():
         model(x, text, timestep)  # warm-up (also builds the RoPE tables)
-        out, times = timed(lambda: model(x, text, timestep), args.repeats)
-
-        ref_times, max_abs_diff = [], None
+        eager_out, times = timed(lambda: model(x, text, timestep), args.repeats)
+        rows.append(_row("ours, eager", times, eager_out, None))
         if not args.no_reference:
             state_dict = model.state_dict()
-            ref, ref_times = timed(lambda: reference_forward(state_dict, params, x[0], text[0], TIMESTEP), 1)
+
+            def reference():
+                return reference_forward(state_dict, params, x[0], text[0], TIMESTEP)[None]
+            ref_out, ref_times = timed(reference, 1)
             if ref_times[0] < REFERENCE_SECOND_RUN_LIMIT_S:
-                ref_times += timed(lambda: reference_forward(state_dict, params, x[0], text[0], TIMESTEP), 1)[1]
+                ref_times += timed(reference, 1)[1]
             else:
-                print(f"note: reference took {ref_times[0]:.1f} s (> {REFERENCE_SECOND_RUN_LIMIT_S:.0f} s), run once")
-            max_abs_diff = (out[0] - ref).abs().max().item()
-
-    grid = [s // p for s, p in zip(config["latent"][:3], params["patch_size"])]
-    result = {
-        "config": args.config, "params": params, "latent": config["latent"], "text_tokens": config["text_tokens"],
-        "visual_tokens": grid[0] * grid[1] * grid[2], "threads": args.threads, "dtype": "float32",
-        "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-        "loadavg_1m": os.getloadavg()[0],  # other processes on the machine skew the timings
-        "median_s": statistics.median(times), "min_s": min(times), "times_s": times,
-    }
-    if ref_times:
-        result.update(reference_median_s=statistics.median(ref_times), reference_times_s=ref_times,
-                      speedup_vs_reference=statistics.median(ref_times) / result["median_s"],
-                      max_abs_diff_vs_reference=max_abs_diff)
-
-    ref_cells = ("{reference_median_s:.3f} | {speedup_vs_reference:.2f}x | {max_abs_diff_vs_reference:.1e}"
-                 .format(**result) if ref_times else "- | - | -")
-    print("| config | threads | tokens (visual+text) | median s | min s | reference s | speed-up | max abs diff |")
-    print("|---|---|---|---|---|---|---|---|")
-    print(f"| {args.config} | {args.threads} | {result['visual_tokens']}+{config['text_tokens']} "
-          f"| {result['median_s']:.3f} | {result['min_s']:.3f} | {ref_cells} |")
-    print("all timings (s):", " ".join(f"{t:.3f}" for t in times), f"(load average {result['loadavg_1m']:.1f})")
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-    return result
+                report.note(f"reference took {ref_times[0]:.1f} s (> {REFERENCE_SECOND_RUN_LIMIT_S:.0f} s): run once")
+            rows.append(_row("SPEC reference (k4flash/reference.py)", ref_times, ref_out, eager_out))
+        if args.compile:
+            model.compile_blocks(backend=args.backend)
+            _, (first_s,) = timed(lambda: model(x, text, timestep), 1)
+            compiled_out, times = timed(lambda: model(x, text, timestep), args.repeats)
+            rows.append(_row(f"ours, torch.compile ({args.backend})", times, compiled_out, eager_out, first_s))
+    eager_median = rows[0]["median_s"]
+    for row in rows:
+        row["vs_eager"] = row["median_s"] / eager_median
+    report.table("DiT forward (one video, batch 1)",
+                 [("variant", "variant", None), ("median_s", "median s", ".3f"), ("min_s", "min s", ".3f"),
+                  ("vs_eager", "time / ours eager", ".2f"), ("first_call_s", "first call s (compile)", ".1f"),
+                  ("max_abs_diff", "max abs diff vs eager", ".1e")], rows)
+    report.note("all timings (s): " + "; ".join(f"{r['variant']}: " + " ".join(f"{t:.3f}" for t in r["times_s"])
+                                                for r in rows))
+    return report.emit(args.json, args.md)
 
 
 if __name__ == "__main__":

@@ -122,7 +122,7 @@ def build_pipeline(cfg, runtime, dtype, weights_dir):
     from .pipeline import get_T2V_pipeline  # heavy imports (diffusers, transformers) only past validation
 
     kwargs = dict(cache_dir=weights_dir, dtype=dtype, download=cfg.download,
-                  dit_params=OmegaConf.to_container(cfg.model.dit_params))
+                  dit_params=OmegaConf.to_container(cfg.model.dit_params), compile=cfg.compile)
     if runtime.distributed:
         from parallel.build import get_parallel_T2V_pipeline
         return get_parallel_T2V_pipeline(runtime.device, runtime=runtime, **kwargs)

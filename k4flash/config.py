@@ -73,6 +73,10 @@ class RunConfig:
     device: str = "auto"  # auto = cuda:LOCAL_RANK when CUDA is available, else cpu
     dtype: str = "auto"  # auto = bfloat16 on GPU (as the official code), float32 on CPU
     progress: bool = True  # progress bar over the denoising steps (rank 0)
+    # torch.compile the DiT's transformer blocks (DiffusionTransformer3D.compile_blocks): the
+    # first step of each new geometry pays the compile (tens of seconds), later steps run the
+    # compiled graph. Measured on/off by `python -m bench.dit_forward --compile`.
+    compile: bool = False
 
 
 def register_configs() -> None:

@@ -214,6 +214,22 @@ class DiffusionTransformer3D(nn.Module):
         ])
         self.out_layer = OutLayer(model_dim, time_dim, out_visual_dim, patch_size)
 
+    def compile_blocks(self, **compile_kwargs):
+        """torch.compile every transformer block in place (nn.Module.compile); returns self.
+
+        Blocks, not the whole model: the 42 blocks share one class, so one compiled graph
+        serves all of them (parameters are graph inputs), and the compile costs one block's
+        worth; the state-dict keys stay the published ones (no `_orig_mod.` prefix); the
+        RoPE-table cache, the embeddings and a TP plan's modulation hook stay eager Python.
+        The graph is specialised to the token count: a new geometry recompiles once, then
+        dynamo marks the sizes dynamic. Collectives inside a block (parallel/comm.py) run
+        eagerly between compiled pieces.
+        """
+        for pair in self.transformer_blocks:
+            for block in pair:
+                block.compile(**compile_kwargs)
+        return self
+
     def init_derived_buffers(self):
         """Materialise the config-derived RoPE buffers on CPU (after a meta-device build)."""
         self.rope_embeddings.reset_buffers()

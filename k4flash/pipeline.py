@@ -219,7 +219,7 @@ def get_T2V_pipeline(device_map: Union[str, torch.device, dict], resolution: int
                      vae_path: str = None, scheduler_path: str = None, conf_path: str = None, *,
                      dit_params: dict = None, dtype: torch.dtype = None, download: bool = True,
                      noise_dtype: torch.dtype = torch.bfloat16, load_dit_fn=None, is_main: bool = True,
-                     broadcast=None) -> Kandinsky4T2VPipeline:
+                     broadcast=None, compile: bool = False) -> Kandinsky4T2VPipeline:
     """The model card's entry point: resolve weights, load T5, DiT and VAE, return the pipeline.
 
     Missing weights are fetched from the Hub when online (`download=True`), else a
@@ -227,13 +227,15 @@ def get_T2V_pipeline(device_map: Union[str, torch.device, dict], resolution: int
     launcher (WORLD_SIZE > 1) the DiT is sharded across the ranks (parallel/).
     The keyword hooks are how parallel/ builds a rank's pipeline: `load_dit_fn(params,
     path, device, dtype)` loads the DiT, `is_main=False` skips T5 and the VAE, and
-    `broadcast(tensor)` shares the main rank's text embedding.
+    `broadcast(tensor)` shares the main rank's text embedding. `compile=True` torch.compiles
+    the DiT's blocks (DiffusionTransformer3D.compile_blocks).
     """
     if load_dit_fn is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from parallel.build import get_parallel_T2V_pipeline
         return get_parallel_T2V_pipeline(
             device_map, resolution, cache_dir, dit_path, text_encoder_path, tokenizer_path, vae_path, scheduler_path,
-            conf_path, dit_params=dit_params, dtype=dtype, download=download, noise_dtype=noise_dtype)
+            conf_path, dit_params=dit_params, dtype=dtype, download=download, noise_dtype=noise_dtype,
+            compile=compile)
     from .text_encoder import T5TextEncoder
     from .vae import load_vae
 
@@ -254,6 +256,8 @@ def get_T2V_pipeline(device_map: Union[str, torch.device, dict], resolution: int
 
     schedule = load_schedule(paths.scheduler)
     dit = (load_dit_fn or load_dit)(dit_params, paths.dit, device=device_map["dit"], dtype=dtype)
+    if compile:
+        dit.compile_blocks()
     text_encoder = vae = None
     if is_main:  # only the main rank encodes and decodes
         text_encoder = T5TextEncoder(paths.text_encoder, paths.tokenizer, max_length=max_length,

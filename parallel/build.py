@@ -13,7 +13,7 @@ from .runtime import init_runtime
 def get_parallel_T2V_pipeline(device_map, resolution=512, cache_dir="./weights/", dit_path=None,
                               text_encoder_path=None, tokenizer_path=None, vae_path=None, scheduler_path=None,
                               conf_path=None, *, dit_params=None, dtype=None, download=True,
-                              noise_dtype=torch.bfloat16, runtime=None, tp=None):
+                              noise_dtype=torch.bfloat16, runtime=None, tp=None, compile=False):
     """get_T2V_pipeline for one rank of a tensor-parallel run (joins the process group if needed).
 
     On GPU each rank uses its own device (cuda:LOCAL_RANK) for the DiT, whatever device_map says.
@@ -34,4 +34,5 @@ def get_parallel_T2V_pipeline(device_map, resolution=512, cache_dir="./weights/"
         device_map, resolution, cache_dir, dit_path, text_encoder_path, tokenizer_path, vae_path, scheduler_path,
         conf_path, dit_params=dit_params, dtype=dtype, download=False, noise_dtype=noise_dtype,
         load_dit_fn=functools.partial(load_dit_sharded, mesh=runtime.tp_mesh) if sharded else load_dit,
-        is_main=runtime.is_group_main, broadcast=runtime.broadcast_from_main if sharded else None)
+        is_main=runtime.is_group_main, broadcast=runtime.broadcast_from_main if sharded else None,
+        compile=compile)

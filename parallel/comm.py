@@ -31,6 +31,9 @@ def _record(op, tensor):
     STATS.bytes += tensor.numel() * tensor.element_size()
 
 
+# torch.compiler.disable: under a compiled DiT the collectives (and their counting)
+# stay eager graph breaks, so STATS stays exact and any backend (gloo, nccl) works.
+@torch.compiler.disable
 def all_reduce_sum(tensor, group) -> torch.Tensor:
     """In-place sum over the group (the row-parallel reduction)."""
     _record("all_reduce", tensor)
@@ -38,6 +41,7 @@ def all_reduce_sum(tensor, group) -> torch.Tensor:
     return tensor
 
 
+@torch.compiler.disable
 def all_gather_last_dim(tensor, group) -> torch.Tensor:
     """(..., n) on each of k ranks → (..., k·n), rank order along the last dim."""
     _record("all_gather", tensor)

@@ -1,0 +1,212 @@
+"""A cost model of one generation: FLOPs, bytes moved and communicated, and the latency they predict.
+
+DiT, per forward (one video, batch 1), with N visual tokens, L text tokens, S = N + L,
+D = model_dim, F = ff_dim, T = time_dim, P = prod(patch_size), C = latent channels and
+B = 2·num_blocks transformer blocks. A Linear of `in → out` applied to `t` tokens costs
+2·t·in·out FLOPs (multiply-add = 2; the bias add is not counted, as FlopCounterMode does not):
+
+  linear    = B · (2·S·D·3D  [QKV] + 2·S·D·D  [attention out] + 2·2·S·D·F  [MLP]
+                   + 2·2·T·6D  [visual + text modulation, on the time embedding])
+              + 2·(D·T + T·T)  [time embedding] + 2·L·4096·D  [text in] + 2·N·P·C·D  [visual in]
+              + 2·T·2D + 2·N·D·P·C  [out modulation, out projection]
+  attention = B · 4·S²·D       [QKᵀ and A·V, 2·S²·head_dim each, over all heads]
+
+Norms, RoPE, softmax and the other elementwise work are not FLOPs here (they are memory
+bound and a few % of the time on a GPU). `count_flops` checks these formulas against
+torch.utils.flop_counter on the real module (tests: real tensors, small config; the
+benchmark: the published size on the meta device).
+
+Tensor parallel communication per forward (parallel/tp.py): 2 all-reduces per block of
+the (S, D) activations plus one all-gather of every modulation vector. A ring all-reduce
+of M bytes sends 2·(k−1)/k·M per rank, an all-gather (k−1)/k of the gathered size.
+
+The VAE decode is counted by running diffusers' AutoencoderKLCogVideoX at its published
+config on the meta device (`vae_decode_counts`): convolution FLOPs from FlopCounterMode,
+and the bytes every other (memory-bound) op reads and writes, at 2 bytes per element
+(bf16) and with no fusion. T5-XXL is analytic (`t5_encoder_flops`), checked the same way.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+from torch.utils._python_dispatch import TorchDispatchMode
+
+# The published geometry: 12 s at 672×384 → latents (25, 48, 84, 16) → 25 × 24 × 42 patches.
+PUBLISHED_LATENT = (25, 48, 84)
+PUBLISHED_TEXT_TOKENS = 224
+NUM_STEPS = 4
+SEED_CLAIM_S = 11.0  # model card: a 12 s 480p video in 11 s on one H100
+# T5-v1.1-XXL encoder (the published text encoder's config.json).
+T5_XXL = dict(d_model=4096, d_ff=10240, num_layers=24, num_heads=64, d_kv=64, vocab_size=32128)
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    peak_bf16_flops: float  # dense, no sparsity
+    hbm_bytes_per_s: float
+    link_bytes_per_s: float  # per GPU, one direction: what a ring all-reduce step can use
+    collective_latency_s: float  # fixed cost per collective call (NCCL launch + sync), assumed
+
+
+# NVIDIA H100 SXM5 datasheet: 989.4 TFLOP/s dense bf16, 3.35 TB/s HBM3, NVLink 4 at 900 GB/s
+# per GPU in both directions together (450 GB/s each way). 10 µs per collective is an assumption.
+H100_SXM = GPU("H100 SXM5", 989.4e12, 3.35e12, 450e9, 10e-6)
+
+
+def dit_tokens(params: dict, latent_fhw=PUBLISHED_LATENT) -> int:
+    return math.prod(size // p for size, p in zip(latent_fhw, params["patch_size"]))
+
+
+def dit_flops(params: dict, latent_fhw=PUBLISHED_LATENT, text_tokens=PUBLISHED_TEXT_TOKENS, batch=1) -> dict:
+    """FLOPs of one DiT forward, split as in the module docstring: {linear, attention, total, ...parts}."""
+    D, F, T = params["model_dim"], params["ff_dim"], params["time_dim"]
+    P = math.prod(params["patch_size"])
+    N, L = dit_tokens(params, latent_fhw), text_tokens
+    S = N + L
+    blocks = 2 * params["num_blocks"]
+    parts = {
+        "qkv": blocks * 2 * S * D * 3 * D,
+        "attention_out": blocks * 2 * S * D * D,
+        "mlp": blocks * 2 * 2 * S * D * F,
+        "modulation": blocks * 2 * 2 * T * 6 * D + 2 * T * 2 * D,
+        "embeddings": 2 * (D * T + T * T) + 2 * L * params["in_text_dim"] * D + 2 * N * P * params["in_visual_dim"] * D
+        + 2 * N * D * P * params["out_visual_dim"],
+    }
+    linear = sum(parts.values())
+    attention = blocks * 4 * S * S * D
+    out = {k: batch * v for k, v in parts.items()}
+    out.update(linear=batch * linear, attention=batch * attention, total=batch * (linear + attention),
+               visual_tokens=N, text_tokens=L)
+    return out
+
+
+def dit_tp_comm(params: dict, tp: int, latent_fhw=PUBLISHED_LATENT, text_tokens=PUBLISHED_TEXT_TOKENS,
+                bytes_per_element=2, batch=1) -> dict:
+    """Collectives and bytes of one DiT forward per rank at TP degree `tp` (none at tp = 1).
+
+    `payload_bytes` is what parallel.comm.STATS counts (each tensor handed to a collective);
+    `ring_bytes_sent` is what a ring algorithm puts on each rank's link.
+    """
+    if tp == 1:
+        return dict(all_reduce_calls=0, all_gather_calls=0, all_reduce_bytes=0, payload_bytes=0,
+                    ring_bytes_sent=0)
+    S = dit_tokens(params, latent_fhw) + text_tokens
+    D = params["model_dim"]
+    blocks = 2 * params["num_blocks"]
+    all_reduce_bytes = 2 * blocks * batch * S * D * bytes_per_element
+    gathered_bytes = batch * (blocks * 2 * 6 * D + 2 * D) * bytes_per_element  # every modulation output
+    return dict(all_reduce_calls=2 * blocks, all_gather_calls=1, all_reduce_bytes=all_reduce_bytes,
+                payload_bytes=all_reduce_bytes + gathered_bytes // tp,
+                ring_bytes_sent=2 * (tp - 1) / tp * all_reduce_bytes + (tp - 1) / tp * gathered_bytes)
+
+
+def t5_encoder_flops(tokens=PUBLISHED_TEXT_TOKENS, d_model=4096, d_ff=10240, num_layers=24, num_heads=64, d_kv=64,
+                     **_) -> dict:
+    """T5 v1.1 encoder (gated-GELU MLP: two input projections), one prompt of `tokens` tokens."""
+    inner = num_heads * d_kv
+    linear = num_layers * (2 * tokens * d_model * inner * 4 + 2 * tokens * d_model * d_ff * 3)
+    attention = num_layers * 4 * tokens * tokens * inner
+    return dict(linear=linear, attention=attention, total=linear + attention)
+
+
+def t5_encoder_params(d_model=4096, d_ff=10240, num_layers=24, num_heads=64, d_kv=64, vocab_size=32128) -> int:
+    per_layer = 4 * d_model * num_heads * d_kv + 3 * d_model * d_ff + 2 * d_model
+    return vocab_size * d_model + num_layers * per_layer + d_model
+
+
+def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def flop_counter() -> FlopCounterMode:
+    """FlopCounterMode that also counts CPU SDPA (torch registers formulas for the CUDA kernels only)."""
+    mapping = {}
+    cpu_flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if cpu_flash is not None:
+        mapping[cpu_flash] = _sdpa_cpu_flops
+    return FlopCounterMode(display=False, custom_mapping=mapping)
+
+
+def count_flops(fn) -> dict:
+    """Run fn() under the flop counter: {total, by_op}. Use real tensors or the meta device."""
+    counter = flop_counter()
+    with counter, torch.no_grad():
+        fn()
+    by_op = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    return dict(total=counter.get_total_flops(), by_op=by_op)
+
+
+class MemoryTraffic(TorchDispatchMode):
+    """Bytes each non-view op reads and writes, at `bytes_per_element`, split into convolutions and the rest.
+
+    An upper bound for an unfused implementation: every op's inputs come from HBM and its
+    outputs go back. Works on meta tensors (only shapes are read).
+    """
+
+    def __init__(self, bytes_per_element=2):
+        super().__init__()
+        self.bytes_per_element = bytes_per_element
+        self.conv_bytes = 0
+        self.other_bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view:
+            tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
+            moved = sum(t.numel() for t in tensors) * self.bytes_per_element
+            if func.overloadpacket is torch.ops.aten.convolution:
+                self.conv_bytes += moved
+            else:
+                self.other_bytes += moved
+        return out
+
+
+def published_vae(device="meta"):
+    """CogVideoX's AutoencoderKLCogVideoX at its published size (the class defaults are that config)."""
+    from diffusers import AutoencoderKLCogVideoX
+
+    with torch.device(device):
+        return AutoencoderKLCogVideoX().eval()
+
+
+def vae_decode_counts(latent_fhw=PUBLISHED_LATENT, vae=None, frames_per_chunk=2) -> dict:
+    """Convolution FLOPs and memory traffic of one decode (2 latent frames per chunk, as the pipeline)."""
+    vae = vae if vae is not None else published_vae()
+    device = next(vae.parameters()).device
+    z = torch.empty(1, vae.config.latent_channels, *latent_fhw, device=device)
+    vae.num_latent_frames_batch_size = frames_per_chunk
+    traffic = MemoryTraffic()
+    counter = flop_counter()
+    with counter, traffic, torch.no_grad():
+        frames = vae.decode(z).sample
+    return dict(conv_flops=counter.get_total_flops(), conv_bytes=traffic.conv_bytes,
+                elementwise_bytes=traffic.other_bytes, frames=tuple(frames.shape))
+
+
+def predict(params=None, gpu=H100_SXM, tp=1, mfu=1.0, steps=NUM_STEPS, latent_fhw=PUBLISHED_LATENT,
+            text_tokens=PUBLISHED_TEXT_TOKENS, vae=None) -> dict:
+    """Predicted seconds per stage for one video on `tp` GPUs at model-FLOP utilisation `mfu`.
+
+    DiT step = FLOPs / (tp · peak · mfu) + ring all-reduce bytes / link + calls · latency,
+    with no overlap of compute and communication. T5 and the VAE run on one GPU (rank 0);
+    the VAE adds its elementwise traffic at HBM bandwidth to its convolution time, T5 takes
+    the larger of its compute and reading its weights once. `vae`: vae_decode_counts().
+    """
+    from .dit import PUBLISHED_DIT_PARAMS
+
+    params = params or PUBLISHED_DIT_PARAMS
+    flops = dit_flops(params, latent_fhw, text_tokens)
+    comm = dit_tp_comm(params, tp, latent_fhw, text_tokens)
+    compute_s = flops["total"] / (tp * gpu.peak_bf16_flops * mfu)
+    comm_s = comm["ring_bytes_sent"] / gpu.link_bytes_per_s + \
+        (comm["all_reduce_calls"] + comm["all_gather_calls"]) * gpu.collective_latency_s
+    t5 = t5_encoder_flops(text_tokens, **T5_XXL)
+    t5_s = max(t5["total"] / (gpu.peak_bf16_flops * mfu), 2 * t5_encoder_params(**T5_XXL) / gpu.hbm_bytes_per_s)
+    vae = vae or vae_decode_counts(latent_fhw)
+    vae_s = vae["conv_flops"] / (gpu.peak_bf16_flops * mfu) + vae["elementwise_bytes"] / gpu.hbm_bytes_per_s
+    step_s = compute_s + comm_s
+    return dict(gpu=gpu.name, tp=tp, mfu=mfu, steps=steps, dit_step_compute_s=compute_s, dit_step_comm_s=comm_s,
+                dit_step_s=step_s, denoise_s=steps * step_s, t5_s=t5_s, vae_s=vae_s,
+                end_to_end_s=t5_s + steps * step_s + vae_s)

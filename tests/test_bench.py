@@ -1,0 +1,155 @@
+"""The benchmark suite: every command runs end-to-end in a small mode and reports what it claims;
+the cost model's formulas agree with torch's flop counter and with the collectives the TP plan sends.
+
+No timed assertions: timings are only checked to exist and be positive.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from k4flash import cost
+from k4flash.dit import PUBLISHED_DIT_PARAMS, DiffusionTransformer3D
+from k4flash.tiny import TINY_DIT_PARAMS, fill_deterministic_
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(main, args, tmp_path, name):
+    json_path, md_path = tmp_path / f"{name}.json", tmp_path / f"{name}.md"
+    data = main([*args, "--json", str(json_path), "--md", str(md_path)])
+    on_disk = json.loads(json_path.read_text())
+    assert on_disk["name"] == name and on_disk["tables"]
+    assert on_disk["metadata"]["torch"] == torch.__version__ and len(on_disk["metadata"]["loadavg_end"]) == 3
+    markdown = md_path.read_text()
+    assert markdown.count("\n|---|") == len(on_disk["tables"])  # one Markdown table per table
+    return data, markdown
+
+
+def _rows(data, table=0):
+    return data["tables"][table]["rows"]
+
+
+@pytest.mark.parametrize("params, latent, text_tokens", [
+    (TINY_DIT_PARAMS, (3, 8, 12), 20),
+    (dict(TINY_DIT_PARAMS, model_dim=96, ff_dim=384, time_dim=48, num_blocks=2, in_text_dim=40), (2, 6, 4), 7),
+])
+def test_analytic_dit_flops_equal_the_flop_counter_on_real_tensors(params, latent, text_tokens):
+    model = fill_deterministic_(DiffusionTransformer3D(**params), seed=0).eval()
+    x = torch.randn(1, *latent, params["in_visual_dim"])
+    text = torch.randn(1, text_tokens, params["in_text_dim"])
+    counted = cost.count_flops(lambda: model(x, text, torch.tensor([749.0])))
+    analytic = cost.dit_flops(params, latent, text_tokens)
+    assert any("scaled_dot_product" in op for op in counted["by_op"])  # CPU SDPA is counted, not skipped
+    assert counted["total"] == pytest.approx(analytic["total"], rel=0.01)
+    assert analytic["linear"] + analytic["attention"] == analytic["total"] and analytic["attention"] > 0
+
+
+def test_published_size_figures():
+    flops = cost.dit_flops(PUBLISHED_DIT_PARAMS)
+    assert (flops["visual_tokens"], flops["text_tokens"]) == (25_200, 224)
+    blocks, tokens, dim = 42, 25_424, 3072
+    assert flops["attention"] == blocks * 4 * tokens**2 * dim
+    comm = cost.dit_tp_comm(PUBLISHED_DIT_PARAMS, 8)
+    assert comm["all_reduce_calls"] + comm["all_gather_calls"] == 85  # README: 85 collectives per forward
+    assert comm["all_reduce_bytes"] == 2 * blocks * tokens * dim * 2
+    one, eight = cost.predict(tp=1, vae=dict(conv_flops=0, elementwise_bytes=0)), \
+        cost.predict(tp=8, vae=dict(conv_flops=0, elementwise_bytes=0))
+    assert eight["dit_step_compute_s"] == pytest.approx(one["dit_step_compute_s"] / 8)
+    assert eight["dit_step_comm_s"] > 0 == one["dit_step_comm_s"]
+
+
+def test_cost_model_command(tmp_path):
+    from bench.cost_model import main
+    data, markdown = _run(main, [], tmp_path, "cost_model")
+    flop_rows = {r["part"]: r["tflop"] for r in _rows(data, 0)}
+    assert flop_rows["total, FlopCounterMode (meta)"] == pytest.approx(flop_rows["total"], rel=0.01)
+    vae_row, t5_row, t5_meta = _rows(data, 2)
+    assert 4e14 < vae_row["tflop"] < 5e14  # ~4.65e14 FLOPs of convolutions for 97 frames of 384x672
+    assert t5_meta["tflop"] == pytest.approx(t5_row["tflop"], rel=0.01)
+    latency = _rows(data, 3)
+    assert {r["tp"] for r in latency} == {1, 8} and all(r["seed_claim_s"] == 11 for r in latency)
+    assert "Predicted latency" in markdown
+
+
+def test_tp_command_bytes_match_the_cost_model(tmp_path):
+    from bench.dit_forward import CONFIGS
+    from bench.tp import main
+    data, _ = _run(main, ["--config", "tiny", "--degrees", "1", "2", "--repeats", "1"], tmp_path, "tp")
+    one, two = _rows(data)
+    config = CONFIGS["tiny"]
+    predicted = cost.dit_tp_comm(config["params"], 2, config["latent"][:3], config["text_tokens"], bytes_per_element=4)
+    assert two["bytes_per_rank"] == predicted["payload_bytes"]
+    assert two["calls"] == {"all_reduce": predicted["all_reduce_calls"], "all_gather": 1}
+    assert one["bytes_per_rank"] == 0 and one["speedup"] == 1.0
+    assert two["param_bytes_per_rank"] < one["param_bytes_per_rank"]
+    assert all(r["median_s"] > 0 and r["load_peak_rss_mb_per_rank"] > 0 for r in (one, two))
+
+
+def test_dit_forward_command_eager_reference_and_compiled(tmp_path):
+    from bench.dit_forward import main
+    data, markdown = _run(main, ["--config", "tiny", "--repeats", "2", "--compile", "--backend", "aot_eager"],
+                          tmp_path, "dit_forward")
+    eager, reference, compiled = _rows(data)
+    assert "reference" in reference["variant"] and "compile" in compiled["variant"]
+    assert reference["max_abs_diff"] < 1e-4 and compiled["max_abs_diff"] < 1e-5
+    assert compiled["first_call_s"] > 0 and eager["vs_eager"] == 1.0
+    assert "| ours, eager |" in markdown
+
+
+def test_pipeline_stages_command(tmp_path, tiny_cache, monkeypatch, one_torch_thread):
+    from bench.pipeline_stages import main
+    monkeypatch.setenv("K4FLASH_CACHE", str(tiny_cache))
+    data, _ = _run(main, ["--repeats", "1", "--warmup", "0"], tmp_path, "pipeline_stages")
+    rows = {r["key"]: r for r in _rows(data)}
+    assert set(rows) == {"text_encode_s", "denoise_s", "decode_s", "write_s", "end_to_end_s", "load_s"}
+    assert all(r["median_s"] > 0 for r in rows.values())
+    # end-to-end is measured around the stages it contains
+    assert rows["end_to_end_s"]["median_s"] >= rows["denoise_s"]["median_s"] + rows["decode_s"]["median_s"]
+
+
+def test_gpu_dit_runs_its_code_path_on_cpu(tmp_path):
+    from bench.gpu_dit import main
+    data, _ = _run(main, ["--device", "cpu", "--config", "tiny", "--warmup", "1", "--repeats", "2"], tmp_path,
+                   "gpu_dit")
+    (row,) = _rows(data)
+    assert row["output_finite"] and row["median_s"] > 0
+    flops = cost.dit_flops(TINY_DIT_PARAMS, (3, 8, 12), 20)["total"]
+    assert row["tflops"] == pytest.approx(flops / row["median_s"] / 1e12)
+
+
+def test_gpu_dit_refuses_without_cuda():
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(ROOT))
+    result = subprocess.run([sys.executable, "-m", "bench.gpu_dit"], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2
+    assert "needs a CUDA device" in result.stderr and "--device cpu --config tiny" in result.stderr
+
+
+def test_compiled_dit_equals_eager(one_torch_thread):
+    """compile=true's code path (inductor, the default backend) against eager on the tiny DiT."""
+    model = fill_deterministic_(DiffusionTransformer3D(**TINY_DIT_PARAMS), seed=0).eval()
+    g = torch.Generator().manual_seed(3)
+    x, text = torch.randn(1, 3, 8, 12, 16, generator=g), torch.randn(1, 20, TINY_DIT_PARAMS["in_text_dim"], generator=g)
+    t = torch.tensor([749.0])
+    with torch.no_grad():
+        eager = model(x, text, t)
+        keys = set(model.state_dict())
+        model.compile_blocks()
+        compiled = model(x, text, t)
+    assert set(model.state_dict()) == keys  # the published keys still load into a compiled model
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    assert eager.abs().max() > 0.1
+
+
+def test_pipeline_compile_flag_compiles_the_blocks(tiny_weights):
+    from k4flash import get_T2V_pipeline
+    pipes = {flag: get_T2V_pipeline("cpu", cache_dir=tiny_weights, dit_params=TINY_DIT_PARAMS, download=False,
+                                    compile=flag) for flag in (False, True)}
+    blocks = {flag: [b for pair in p.dit.transformer_blocks for b in pair] for flag, p in pipes.items()}
+    assert all(b._compiled_call_impl is not None for b in blocks[True])
+    assert all(b._compiled_call_impl is None for b in blocks[False])
