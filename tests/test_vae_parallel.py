@@ -227,3 +227,44 @@ def test_pipeline_decodes_on_both_ranks_and_gives_the_one_rank_frames(two_ranks,
     decode_calls = {op: runs[True]["calls"][op] - runs[False]["calls"].get(op, 0) for op in runs[True]["calls"]}
     decode_calls = {op: count for op, count in decode_calls.items() if count}
     assert decode_calls == _decoder_collectives(vae)  # the DiT's and the text broadcast are the same in both
+
+
+def test_vae_parallel_config_key_reaches_the_parallel_build(monkeypatch):
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    import parallel.build
+    from k4flash import cli
+    from k4flash.config import ModelConfig, RunConfig, VAEConfig
+    from parallel.runtime import Runtime
+
+    conf = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "config.yaml")
+    assert conf.vae.parallel is True and RunConfig().vae.parallel is True  # on by default
+    seen = {}
+    monkeypatch.setattr(parallel.build, "get_parallel_T2V_pipeline", lambda device, **kwargs: seen.update(kwargs))
+    for value in (True, False):
+        cfg = OmegaConf.structured(RunConfig(model=ModelConfig(name="tiny"), vae=VAEConfig(parallel=value)))
+        cli.build_pipeline(cfg, Runtime(world_size=2), torch.float32)
+        assert seen["vae_parallel"] is value
+
+
+@pytest.mark.parametrize("change", ["replicate padding", "stride 2", "unknown layer"])
+def test_layers_the_row_split_cannot_make_exact_are_refused(change):
+    from parallel.vae import RowParallelVAE, RowShardedGroupNorm
+
+    vae = build_vae("tiny")
+    conv = vae.decoder.up_blocks[0].resnets[0].conv1.conv
+    if change == "replicate padding":
+        conv.padding_mode = "replicate"
+    elif change == "stride 2":
+        conv.stride = (1, 2, 2)
+    else:
+        vae.decoder.conv_act = torch.nn.Upsample(scale_factor=2)  # a leaf that may mix rows
+    paddings = [m.padding for m in vae.decoder.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))]
+    with pytest.raises(NotImplementedError, match="decoder"):
+        RowParallelVAE(vae, {1: None}, index=0, rank=0)
+    # Refused before use, and left as loaded: no hooks, paddings and norms restored.
+    assert not any(isinstance(m, RowShardedGroupNorm) for m in vae.modules())
+    assert paddings == [m.padding for m in vae.decoder.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))]
+    assert not any(m._forward_pre_hooks for m in vae.modules()) and not hasattr(vae, "_k4flash_row_parallel")
