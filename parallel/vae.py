@@ -119,8 +119,9 @@ class RowParallelVAE:
                 self._norms.append((parent, attribute, module))
             elif module is not None and not list(module.children()) and not isinstance(module, _ROW_LOCAL_LEAVES):
                 self.remove()
-                raise NotImplementedError(f"row-parallel VAE decode does not know whether decoder.{name} "
-                                          f"({type(module).__name__}) mixes rows; decode on one rank (vae.parallel=false)")
+                raise NotImplementedError(
+                    f"row-parallel VAE decode does not know whether decoder.{name} ({type(module).__name__}) "
+                    "mixes rows; decode on one rank (vae.parallel=false)")
         vae._k4flash_row_parallel = self
 
     def _wrap_conv(self, name, conv):
