@@ -125,7 +125,7 @@ def build_pipeline(cfg, runtime, dtype, weights_dir):
                   dit_params=OmegaConf.to_container(cfg.model.dit_params), compile=cfg.compile)
     if runtime.distributed:
         from parallel.build import get_parallel_T2V_pipeline
-        return get_parallel_T2V_pipeline(runtime.device, runtime=runtime, **kwargs)
+        return get_parallel_T2V_pipeline(runtime.device, runtime=runtime, vae_parallel=cfg.vae.parallel, **kwargs)
     return get_T2V_pipeline(runtime.device, **kwargs)
 
 

@@ -53,9 +53,17 @@ class ParallelConfig:
 
 
 @dataclass
+class VAEConfig:
+    # When a TP group has more than one rank, all of them decode (each a band of latent rows, exact:
+    # the same frames as one rank) and the group's first rank writes; false: the first rank decodes alone.
+    parallel: bool = True
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = MISSING
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
     prompt: str = ""  # the text prompt (single-video mode)
     seed: int = 42  # one CPU generator: the same seed gives the same video on any device and rank count
     time_length: int = 12  # seconds; 0 = one image (<save_path stem>.png)

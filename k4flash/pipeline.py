@@ -2,7 +2,7 @@
 
 `Kandinsky4T2VPipeline.__call__` reads as numbered stages: validate → encode text →
 prepare latents → denoise → decode → write. Everything rank-related is injected
-(`broadcast`, `is_main`): with the defaults it is the one-process pipeline.
+(`broadcast`, `is_main`, `decode`): with the defaults it is the one-process pipeline.
 """
 import contextlib
 import logging
@@ -64,12 +64,16 @@ class Generation:
 
 class Kandinsky4T2VPipeline:
     def __init__(self, device_map, dit, text_encoder, vae, schedule: Schedule, resolution=512, dtype=None,
-                 noise_dtype=torch.bfloat16, is_main=True, broadcast=None, text_dim=None, metadata=None):
+                 noise_dtype=torch.bfloat16, is_main=True, broadcast=None, text_dim=None, metadata=None,
+                 decode=None):
         validate_resolution(resolution)
         self.device_map = normalize_device_map(device_map)
         self.dit = dit
         self.text_encoder = text_encoder  # None on ranks that do not encode
         self.vae = vae  # None on ranks that do not decode
+        # callable(vae, latents) -> uint8 frames (1, T, H, W, 3) on the main rank, None elsewhere, run on
+        # every rank (parallel/vae.py's decode_latents_parallel); None: the main rank decodes alone.
+        self.decode = decode
         self.schedule = schedule
         self.resolution = resolution
         self.dtype = dtype or default_dtype(self.device_map["dit"])
@@ -144,10 +148,15 @@ class Kandinsky4T2VPipeline:
         _synchronize(self.device_map["dit"])
         timings["denoise_s"] = time.perf_counter() - clock
         frames = None
-        if self.is_main:
+        if self.decode is not None or self.is_main:
             # 5. Decode with the VAE (2 latent frames per batch, 1 for images).
             clock = time.perf_counter()
-            frames = decode_latents(self.vae, latents)[0]  # (T, H, W, 3) uint8
+            if self.decode is not None:
+                frames = self.decode(self.vae, latents)  # (1, T, H, W, 3) on the main rank, else None
+            else:
+                frames = decode_latents(self.vae, latents)
+            frames = frames[0] if frames is not None else None  # (T, H, W, 3) uint8
+            _synchronize(self.device_map["vae"])
             timings["decode_s"] = time.perf_counter() - clock
         request = {"prompt": text, "seed": seed, "time_length": time_length, "width": width, "height": height}
         return Generation(request, latents, frames, timings)
@@ -219,16 +228,18 @@ def get_T2V_pipeline(device_map: Union[str, torch.device, dict], resolution: int
                      vae_path: str = None, scheduler_path: str = None, conf_path: str = None, *,
                      dit_params: dict = None, dtype: torch.dtype = None, download: bool = True,
                      noise_dtype: torch.dtype = torch.bfloat16, load_dit_fn=None, is_main: bool = True,
-                     broadcast=None, compile: bool = False) -> Kandinsky4T2VPipeline:
+                     broadcast=None, compile: bool = False, load_vae_here: bool = None,
+                     decode=None) -> Kandinsky4T2VPipeline:
     """The model card's entry point: resolve weights, load T5, DiT and VAE, return the pipeline.
 
     Missing weights are fetched from the Hub when online (`download=True`), else a
     FileNotFoundError names the missing file and where to put it. Under a multi-rank
     launcher (WORLD_SIZE > 1) the DiT is sharded across the ranks (parallel/).
     The keyword hooks are how parallel/ builds a rank's pipeline: `load_dit_fn(params,
-    path, device, dtype)` loads the DiT, `is_main=False` skips T5 and the VAE, and
-    `broadcast(tensor)` shares the main rank's text embedding. `compile=True` torch.compiles
-    the DiT's blocks (DiffusionTransformer3D.compile_blocks).
+    path, device, dtype)` loads the DiT, `is_main=False` skips T5 and the VAE (unless
+    `load_vae_here=True`), `broadcast(tensor)` shares the main rank's text embedding, and
+    `decode(vae, latents)` replaces the main rank's decode with one every rank runs.
+    `compile=True` torch.compiles the DiT's blocks (DiffusionTransformer3D.compile_blocks).
     """
     if load_dit_fn is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from parallel.build import get_parallel_T2V_pipeline
@@ -259,13 +270,15 @@ def get_T2V_pipeline(device_map: Union[str, torch.device, dict], resolution: int
     if compile:
         dit.compile_blocks()
     text_encoder = vae = None
-    if is_main:  # only the main rank encodes and decodes
+    if is_main:  # only the main rank encodes
         text_encoder = T5TextEncoder(paths.text_encoder, paths.tokenizer, max_length=max_length,
                                      device=device_map["text_embedder"], dtype=dtype)
         if text_encoder.d_model != dit_params["in_text_dim"]:
             raise ValueError(f"text encoder width {text_encoder.d_model} != DiT in_text_dim "
                              f"{dit_params['in_text_dim']}")
+    load_vae_here = is_main if load_vae_here is None else load_vae_here
+    if load_vae_here:  # the main rank decodes, or every rank does (parallel/vae.py)
         vae = load_vae(paths.vae, device=device_map["vae"], dtype=dtype)
     return Kandinsky4T2VPipeline(device_map, dit, text_encoder, vae, schedule, resolution=resolution, dtype=dtype,
                                  noise_dtype=noise_dtype, is_main=is_main, broadcast=broadcast,
-                                 text_dim=dit_params["in_text_dim"])
+                                 text_dim=dit_params["in_text_dim"], decode=decode)

@@ -1,6 +1,6 @@
-"""The collectives the tensor-parallel DiT uses, counted.
+"""The collectives the tensor-parallel DiT and the row-parallel VAE decode use, counted.
 
-Every collective of a TP forward goes through here, so tests and benchmarks can read
+Every collective of a TP forward or a parallel decode goes through here, so tests and benchmarks can read
 how many ran and how many bytes each rank sent (`CommStats`), and the plan's
 communication budget is a measured number, not a claim.
 """
@@ -55,3 +55,24 @@ def broadcast_from(tensor, src, group=None) -> torch.Tensor:
     _record("broadcast", tensor)
     dist.broadcast(tensor, src=src, group=group)
     return tensor
+
+
+def all_gather_list(tensor, group) -> list:
+    """The same-shaped tensor of every rank of the group, in rank order (the VAE's halo rows)."""
+    _record("all_gather", tensor)
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, tensor.contiguous(), group=group)
+    return parts
+
+
+def gather_to_first(tensor, group):
+    """Every rank's same-shaped tensor, in rank order, on the group's first rank; None on the others."""
+    _record("gather", tensor)
+    first = dist.get_global_rank(group, 0)
+    tensor = tensor.contiguous()
+    if dist.get_rank() == first:
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+        dist.gather(tensor, gather_list=parts, dst=first, group=group)
+        return parts
+    dist.gather(tensor, dst=first, group=group)
+    return None

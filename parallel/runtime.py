@@ -43,7 +43,7 @@ class Runtime:
 
     @property
     def is_group_main(self) -> bool:
-        """Its TP group's first rank: runs T5 and the VAE, writes the group's outputs."""
+        """Its TP group's first rank: runs T5, gets the decoded frames, writes the group's outputs."""
         return self.tp_rank == 0
 
     @property

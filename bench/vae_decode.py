@@ -1,0 +1,140 @@
+"""Row-parallel VAE decode on CPU ranks (gloo): decode time, peak memory and traffic per number of ranks.
+
+    python -m bench.vae_decode [--config mid|tiny] [--ranks 1 2 4] [--repeats 3] [--json out.json] [--md out.md]
+
+For each rank count, fresh processes (one intra-op thread per rank) build the same deterministic
+random-weight AutoencoderKLCogVideoX, wrap it with parallel.vae.parallelize_vae (ranks > 1), and
+decode the same latents `--repeats` times after a warm-up, through decode_latents (1 rank) or
+decode_latents_parallel (uint8 frames gathered on rank 0). Printed per rank count: median decode
+time (slowest rank per repeat) and speed-up over 1 rank measured in this run, collectives and MB
+each rank sent per decode, each rank's peak RSS growth during a decode (max over ranks), and how
+many uint8 values differ from the 1-rank frames.
+
+CPU caveat: with one thread, PyTorch runs a batch-1 conv3d through oneDNN only when
+N·C·T·H exceeds ~20k and otherwise through slow_conv3d (im2col: ~2.5x slower per FLOP and a
+large column buffer). A band has fewer rows, so too small a geometry pushes the bands, not the
+full frame, onto the slow path; the default latents (3, 64, 24) keep the large levels on oneDNN
+up to 4 ranks. GPUs (cuDNN) have no such switch.
+"""
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from bench.report import Report, add_output_args  # noqa: E402
+from bench.tp import _peak_growth_mb, _status_mb  # noqa: E402
+from k4flash.tiny import TINY_VAE_CONFIG, fill_deterministic_  # noqa: E402
+from parallel.spawn import run_ranks  # noqa: E402
+
+CONFIGS = {
+    # 3 spatial up levels (2 temporal), 3 resnets per up block, 8 groups; 9 frames of 512 x 192.
+    "mid": dict(vae=dict(TINY_VAE_CONFIG, block_out_channels=(16, 32, 32, 64), layers_per_block=2, norm_num_groups=8),
+                latent=(3, 64, 24)),
+    "tiny": dict(vae=TINY_VAE_CONFIG, latent=(3, 64, 24)),
+}
+
+
+def _build(config_name):
+    from diffusers import AutoencoderKLCogVideoX
+
+    with torch.random.fork_rng(devices=[]):
+        vae = AutoencoderKLCogVideoX(**CONFIGS[config_name]["vae"])
+    fill_deterministic_(vae, seed=1)
+    with torch.no_grad():
+        for parameter in vae.decoder.conv_out.parameters():  # outputs mostly in [-1, 1], as in k4flash.tiny
+            parameter.mul_(0.3)
+    frames, height, width = CONFIGS[config_name]["latent"]
+    latents = torch.randn(frames, height, width, 16, generator=torch.Generator().manual_seed(0))
+    return vae.eval().requires_grad_(False), latents
+
+
+def _measure(decode, repeats, barrier=None):
+    from parallel import comm
+
+    frames = decode()  # warm-up
+    comm.STATS.reset()
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS mark: the next peak is a decode's own
+    before = _status_mb("VmRSS")
+    decode()
+    peak_mb = _peak_growth_mb(before)
+    calls, sent = dict(comm.STATS.calls), comm.STATS.bytes
+    times = []
+    for _ in range(repeats):
+        if barrier:
+            barrier()  # start every rank's decode together
+        start = time.perf_counter()
+        decode()
+        times.append(time.perf_counter() - start)
+    return dict(times=times, calls=calls, bytes=sent, peak_rss_mb=peak_mb, frames=frames)
+
+
+def _rank_bench(runtime, config_name, repeats):
+    from parallel.vae import decode_latents_parallel, parallelize_vae
+
+    vae, latents = _build(config_name)
+    parallelize_vae(vae, runtime)
+    return _measure(lambda: decode_latents_parallel(vae, latents), repeats, barrier=runtime.barrier)
+
+
+def _one_rank_bench(config_name, repeats):
+    from k4flash.vae import decode_latents
+
+    torch.set_num_threads(1)
+    vae, latents = _build(config_name)
+    return _measure(lambda: decode_latents(vae, latents), repeats)
+
+
+def run_one_rank(config_name, repeats):
+    """1 rank in a fresh process too, so its RSS figure is comparable."""
+    import multiprocessing as mp
+    with mp.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_one_rank_bench, (config_name, repeats))
+
+
+def _calls(calls: dict) -> str:
+    return ", ".join(f"{n} {k}" for k, n in sorted(calls.items())) or "0"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="mid")
+    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--repeats", type=int, default=3)
+    add_output_args(parser)
+    args = parser.parse_args(argv)
+
+    rows, reference = [], None
+    for ranks in args.ranks:
+        per_rank = [run_one_rank(args.config, args.repeats)] if ranks == 1 else run_ranks(
+            ranks, _rank_bench, args.config, args.repeats, timeout=1800)
+        frames = per_rank[0].pop("frames")
+        reference = frames if reference is None and ranks == 1 else reference
+        # The decode ends when the slowest rank's rows reach rank 0: per repeat the max over ranks.
+        step_times = [max(ts) for ts in zip(*(r["times"] for r in per_rank))]
+        rows.append(dict(ranks=ranks, median_s=statistics.median(step_times), min_s=min(step_times),
+                         calls=per_rank[0]["calls"], mb_sent_per_rank=max(r["bytes"] for r in per_rank) / 2**20,
+                         peak_rss_mb_per_rank=max(r["peak_rss_mb"] for r in per_rank),
+                         uint8_differing=None if reference is None else int((frames != reference).sum()),
+                         frames_shape=list(frames.shape)))
+    base = next((r["median_s"] for r in rows if r["ranks"] == 1), None)
+    for r in rows:
+        r["speedup"] = base / r["median_s"] if base else None
+    frames, height, width = CONFIGS[args.config]["latent"]
+    report = Report("vae_decode", config=args.config, latents=f"{frames}x{height}x{width}",
+                    frames=rows[0]["frames_shape"], dtype="float32", threads_per_rank=1, repeats=args.repeats)
+    report.table("Row-parallel VAE decode per number of ranks", [
+        ("ranks", "ranks", None), ("median_s", "decode median s", ".3f"), ("speedup", "speed-up vs 1 rank", ".2f"),
+        ("calls", "collectives / decode", _calls), ("mb_sent_per_rank", "MB sent / rank", ".2f"),
+        ("peak_rss_mb_per_rank", "decode peak RSS MB / rank", ".1f"),
+        ("uint8_differing", "uint8 values differing from 1 rank", None),
+    ], rows)
+    return report.emit(args.json, args.md)
+
+
+if __name__ == "__main__":
+    main()
