@@ -86,7 +86,8 @@ def build_report(mfu=0.5, degrees=(1, 2, 4, 8), meta_check=True) -> Report:
     vae = cost.vae_decode_counts()
     t5 = cost.t5_encoder_flops(**cost.T5_XXL)
     other = [dict(stage="VAE decode 25x48x84 -> 97x384x672 (meta run)", tflop=vae["conv_flops"],
-                  bytes=vae["elementwise_bytes"], note="convolutions; bytes: GroupNorm/SiLU/pad/cat/upsample, unfused"),
+                  bytes=vae["elementwise_bytes"], note="convolutions; bytes: GroupNorm/SiLU/pad/cat/upsample, unfused; "
+                  f"{vae['row_parallel_collectives']} halo/GroupNorm collectives when split by rows"),
              dict(stage="T5-XXL encode, 224 tokens (analytic)", tflop=t5["total"],
                   bytes=2 * cost.t5_encoder_params(**cost.T5_XXL), note="bytes: bf16 weights read once")]
     if meta_check:
@@ -96,13 +97,13 @@ def build_report(mfu=0.5, degrees=(1, 2, 4, 8), meta_check=True) -> Report:
 
     latency = []
     for tp in sorted({1, max(degrees)}):
-        for m in sorted({1.0, mfu}, reverse=True):
-            p = cost.predict(params, gpu, tp=tp, mfu=m, vae=vae)
-            latency.append(dict(p, setup=f"{tp}x {gpu.name}", seed_claim_s=cost.SEED_CLAIM_S))
-    report.table("Predicted latency of one 12 s 672x384 video (T5 and VAE on one GPU; compute and comm not "
-                 "overlapped)",
+        for vae_ranks in sorted({1, tp}):  # vae.parallel=false / true (the row split of parallel/vae.py)
+            for m in sorted({1.0, mfu}, reverse=True):
+                p = cost.predict(params, gpu, tp=tp, mfu=m, vae=vae, vae_ranks=vae_ranks)
+                latency.append(dict(p, setup=f"{tp}x {gpu.name}", seed_claim_s=cost.SEED_CLAIM_S))
+    report.table("Predicted latency of one 12 s 672x384 video (T5 on one GPU; compute and comm not overlapped)",
                  [("setup", "GPUs", None), ("mfu", "MFU", ".0%"), ("t5_s", "T5 s", _s), ("dit_step_s", "DiT step s", _s),
-                  ("denoise_s", f"{cost.NUM_STEPS} steps s", _s), ("vae_s", "VAE s", _s),
+                  ("denoise_s", f"{cost.NUM_STEPS} steps s", _s), ("vae_ranks", "VAE ranks", None), ("vae_s", "VAE s", _s),
                   ("end_to_end_s", "end-to-end s", _s), ("seed_claim_s", "seed (model card, 1 H100) s", ".0f")],
                  latency)
     report.note(f"{gpu.name}: {gpu.peak_bf16_flops / 1e12:.1f} TFLOP/s dense bf16, {gpu.hbm_bytes_per_s / 1e12:.2f} "

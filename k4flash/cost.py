@@ -179,20 +179,37 @@ def vae_decode_counts(latent_fhw=PUBLISHED_LATENT, vae=None, frames_per_chunk=2)
     vae.num_latent_frames_batch_size = frames_per_chunk
     traffic = MemoryTraffic()
     counter = flop_counter()
-    with counter, traffic, torch.no_grad():
-        frames = vae.decode(z).sample
+    # The calls a row-parallel decode (parallel/vae.py) turns into collectives: one halo exchange
+    # per conv with a kernel taller than 1 row, one all-reduce per GroupNorm.
+    row_mixing_calls = [0]
+
+    def count_call(module, args):
+        row_mixing_calls[0] += 1
+
+    hooks = [m.register_forward_pre_hook(count_call) for m in vae.decoder.modules()
+             if isinstance(m, torch.nn.GroupNorm)
+             or (isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d)) and m.kernel_size[m.weight.ndim - 4] > 1)]
+    try:
+        with counter, traffic, torch.no_grad():
+            frames = vae.decode(z).sample
+    finally:
+        for hook in hooks:
+            hook.remove()
     return dict(conv_flops=counter.get_total_flops(), conv_bytes=traffic.conv_bytes,
-                elementwise_bytes=traffic.other_bytes, frames=tuple(frames.shape))
+                elementwise_bytes=traffic.other_bytes, frames=tuple(frames.shape),
+                row_parallel_collectives=row_mixing_calls[0])
 
 
 def predict(params=None, gpu=H100_SXM, tp=1, mfu=1.0, steps=NUM_STEPS, latent_fhw=PUBLISHED_LATENT,
-            text_tokens=PUBLISHED_TEXT_TOKENS, vae=None) -> dict:
+            text_tokens=PUBLISHED_TEXT_TOKENS, vae=None, vae_ranks=1) -> dict:
     """Predicted seconds per stage for one video on `tp` GPUs at model-FLOP utilisation `mfu`.
 
     DiT step = FLOPs / (tp · peak · mfu) + ring all-reduce bytes / link + calls · latency,
-    with no overlap of compute and communication. T5 and the VAE run on one GPU (rank 0);
-    the VAE adds its elementwise traffic at HBM bandwidth to its convolution time, T5 takes
-    the larger of its compute and reading its weights once. `vae`: vae_decode_counts().
+    with no overlap of compute and communication. T5 runs on one GPU (rank 0) and takes the
+    larger of its compute and reading its weights once. The VAE adds its elementwise traffic
+    at HBM bandwidth to its convolution time, split over `vae_ranks` GPUs by the row-parallel
+    decode (vae.parallel) plus one latency per halo exchange / GroupNorm all-reduce and the
+    uint8 frame gather. `vae`: vae_decode_counts().
     """
     from .dit import PUBLISHED_DIT_PARAMS
 
@@ -205,8 +222,11 @@ def predict(params=None, gpu=H100_SXM, tp=1, mfu=1.0, steps=NUM_STEPS, latent_fh
     t5 = t5_encoder_flops(text_tokens, **T5_XXL)
     t5_s = max(t5["total"] / (gpu.peak_bf16_flops * mfu), 2 * t5_encoder_params(**T5_XXL) / gpu.hbm_bytes_per_s)
     vae = vae or vae_decode_counts(latent_fhw)
-    vae_s = vae["conv_flops"] / (gpu.peak_bf16_flops * mfu) + vae["elementwise_bytes"] / gpu.hbm_bytes_per_s
+    vae_s = (vae["conv_flops"] / (gpu.peak_bf16_flops * mfu) + vae["elementwise_bytes"] / gpu.hbm_bytes_per_s) / vae_ranks
+    if vae_ranks > 1:
+        frame_bytes = math.prod(vae.get("frames", (1,)))  # the bands are gathered as uint8: a byte per value
+        vae_s += vae.get("row_parallel_collectives", 0) * gpu.collective_latency_s + frame_bytes / gpu.link_bytes_per_s
     step_s = compute_s + comm_s
     return dict(gpu=gpu.name, tp=tp, mfu=mfu, steps=steps, dit_step_compute_s=compute_s, dit_step_comm_s=comm_s,
-                dit_step_s=step_s, denoise_s=steps * step_s, t5_s=t5_s, vae_s=vae_s,
+                dit_step_s=step_s, denoise_s=steps * step_s, t5_s=t5_s, vae_ranks=vae_ranks, vae_s=vae_s,
                 end_to_end_s=t5_s + steps * step_s + vae_s)

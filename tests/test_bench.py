@@ -153,3 +153,20 @@ def test_pipeline_compile_flag_compiles_the_blocks(tiny_weights):
     blocks = {flag: [b for pair in p.dit.transformer_blocks for b in pair] for flag, p in pipes.items()}
     assert all(b._compiled_call_impl is not None for b in blocks[True])
     assert all(b._compiled_call_impl is None for b in blocks[False])
+
+
+def test_vae_decode_command(tmp_path):
+    from bench.vae_decode import main
+    data, markdown = _run(main, ["--config", "tiny", "--ranks", "1", "2", "--repeats", "1"], tmp_path, "vae_decode")
+    one, two = _rows(data)
+    assert (one["ranks"], two["ranks"]) == (1, 2) and one["median_s"] > 0 and two["median_s"] > 0
+    assert one["calls"] == {} and two["calls"]["all_reduce"] > 0 and two["calls"]["gather"] == 1
+    assert two["uint8_differing"] <= 1e-4 * 3 * 9 * 512 * 192  # the row split is exact up to float rounding
+    assert two["peak_rss_mb_per_rank"] > 0 and "Row-parallel VAE decode" in markdown
+
+
+def test_predicted_vae_time_splits_over_the_ranks():
+    vae = dict(conv_flops=4.6e14, elementwise_bytes=1.5e12, frames=(1, 3, 97, 384, 672), row_parallel_collectives=900)
+    one, eight = cost.predict(tp=8, vae=vae, vae_ranks=1), cost.predict(tp=8, vae=vae, vae_ranks=8)
+    overhead = 900 * cost.H100_SXM.collective_latency_s + 3 * 97 * 384 * 672 / cost.H100_SXM.link_bytes_per_s
+    assert eight["vae_s"] == pytest.approx(one["vae_s"] / 8 + overhead)
