@@ -38,9 +38,11 @@ def run_with_fault(cwd, tiny_cache, fault, overrides, world=None):
     """Run the worker (under torchrun when `world` is given); returns (result, seconds from fault to exit)."""
     launcher = ["-m", "torch.distributed.run", "--nproc-per-node", str(world), "--master-port", str(free_port())]
     command = [sys.executable, *(launcher if world else []), str(WORKER), *overrides]
-    # Its own session: an injected Ctrl-C goes to the run's process group, not to pytest.
+    # Its own session: an injected Ctrl-C goes to the run's process group, not to pytest. SIGINT back to
+    # its default: a shell running CI in the background hands its children SIGINT ignored.
     result = subprocess.run(command, cwd=cwd, env=_env(tiny_cache, fault), capture_output=True, text=True,
-                            timeout=300, start_new_session=True)
+                            timeout=300, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     exited = time.time()
     faults = re.findall(r"fault_worker: .* at t=([0-9.]+)", result.stderr)
     assert faults, f"the fault never fired:\n{result.stderr[-3000:]}"

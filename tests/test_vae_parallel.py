@@ -245,7 +245,7 @@ def test_vae_parallel_config_key_reaches_the_parallel_build(monkeypatch):
     monkeypatch.setattr(parallel.build, "get_parallel_T2V_pipeline", lambda device, **kwargs: seen.update(kwargs))
     for value in (True, False):
         cfg = OmegaConf.structured(RunConfig(model=ModelConfig(name="tiny"), vae=VAEConfig(parallel=value)))
-        cli.build_pipeline(cfg, Runtime(world_size=2), torch.float32)
+        cli.build_pipeline(cfg, Runtime(world_size=2), torch.float32, Path("weights"))
         assert seen["vae_parallel"] is value
 
 
