@@ -27,7 +27,7 @@ if __package__ in (None, ""):  # `python bench/tp.py` from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.dit_forward import CONFIGS, config_inputs  # noqa: E402
-from bench.report import Report, add_output_args  # noqa: E402
+from bench.report import Report, add_output_args, time_calls  # noqa: E402
 from k4flash.dit import DiffusionTransformer3D  # noqa: E402
 from k4flash.tiny import fill_deterministic_  # noqa: E402
 from parallel.spawn import run_ranks  # noqa: E402
@@ -75,7 +75,6 @@ def _measure(config, load, repeats, device, compile_blocks, barrier=None):
         if cuda:
             torch.cuda.synchronize(device)
 
-    times = []
     with torch.no_grad():
         start = time.perf_counter()
         forward()  # warm-up (and the compile)
@@ -83,12 +82,7 @@ def _measure(config, load, repeats, device, compile_blocks, barrier=None):
         comm.STATS.reset()
         forward()
         calls, sent = dict(comm.STATS.calls), comm.STATS.bytes
-        for _ in range(repeats):
-            if barrier:
-                barrier()  # start every rank's forward together
-            start = time.perf_counter()
-            forward()
-            times.append(time.perf_counter() - start)
+        times = time_calls(forward, repeats, barrier)
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     return dict(times=times, first_s=first_s, calls=calls, bytes=sent, param_bytes=param_bytes, load_rss_mb=load_rss)
 

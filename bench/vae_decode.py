@@ -19,14 +19,13 @@ up to 4 ranks. GPUs (cuDNN) have no such switch.
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from bench.report import Report, add_output_args  # noqa: E402
+from bench.report import Report, add_output_args, time_calls  # noqa: E402
 from bench.tp import _peak_growth_mb, _status_mb  # noqa: E402
 from k4flash.tiny import TINY_VAE_CONFIG, fill_deterministic_  # noqa: E402
 from parallel.spawn import run_ranks  # noqa: E402
@@ -63,13 +62,7 @@ def _measure(decode, repeats, barrier=None):
     decode()
     peak_mb = _peak_growth_mb(before)
     calls, sent = dict(comm.STATS.calls), comm.STATS.bytes
-    times = []
-    for _ in range(repeats):
-        if barrier:
-            barrier()  # start every rank's decode together
-        start = time.perf_counter()
-        decode()
-        times.append(time.perf_counter() - start)
+    times = time_calls(decode, repeats, barrier)
     return dict(times=times, calls=calls, bytes=sent, peak_rss_mb=peak_mb, frames=frames)
 
 
