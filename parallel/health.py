@@ -7,10 +7,11 @@ collective, which does not say who is at fault. So every rank of a multi-rank ru
   - reports its own exception (`report(err)`) before it exits: a broken collective and a
     stop signal (Ctrl-C, SIGTERM) are symptoms, anything else is an error.
 After a failure rank 0 reads all of it (`explain`) and names the culprit:
-  - a rank whose heartbeat stopped died (killed, crashed, or frozen),
   - a rank that reported an error other than a broken collective raised it,
-  - a rank that reported a stop signal was interrupted,
-  - a rank that is alive and reported nothing is hung outside the collective.
+  - a rank that reported a stop signal was interrupted (named only when nothing else is),
+  - a rank that reported the broken collective too is a bystander, not named,
+  - a rank that reported nothing and whose heartbeat stopped died (killed, crashed, or frozen),
+  - a rank that reported nothing and is alive is hung outside the collective.
 
 The store is the one the launcher set up at MASTER_ADDR:MASTER_PORT (torchrun's agent
 store, which outlives its workers; with plain env:// rendezvous rank 0 hosts it). Each
@@ -142,9 +143,11 @@ class RankHealth:
                 causes.append(f"rank {r} failed{where}: {error}")
             elif stopped is not None:
                 stopped_ranks.append(f"rank {r} was stopped{where} ({stopped})")
+            elif self._get("collective", r) is not None:
+                continue  # it saw the same broken collective (and may have exited since): a symptom
             elif after[r] is None or after[r] == before[r]:
                 causes.append(f"rank {r} died or froze{where} (no heartbeat for {2.5 * self.interval_s:.1f} s)")
-            elif self._get("collective", r) is None:
+            else:
                 causes.append(f"rank {r} is hung{where} (alive, but it never joined the collective)")
         # A launcher stopping the survivors of a death is not a cause: name stops only when alone.
         causes = causes or stopped_ranks

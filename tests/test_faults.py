@@ -71,6 +71,8 @@ def test_a_failing_rank_stops_every_rank_and_is_named(tmp_path, tiny_cache, faul
     assert after_fault_s < BOUND_S, f"{after_fault_s:.1f} s from the fault to the last exit"
     errors = error_lines(result)
     assert len(errors) == 1 and re.search(culprit, errors[0]), result.stderr[-3000:]
+    named = re.findall(r"rank (\d+) (?:died|failed|is hung|was stopped)", errors[0])
+    assert named == ["1"] or (fault.startswith("interrupt") and named == []), errors[0]  # no bystander is blamed
     assert "Traceback" not in result.stderr.split("fault_worker:")[0]  # nothing went wrong before the fault
     assert leftovers(tmp_path / "out") == []  # no video, no sidecar, no temporary file
 
