@@ -69,8 +69,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-
-
 def check_writable(directory: Path, what: str) -> None:
     directory = directory.resolve()
     existing = next(p for p in [directory, *directory.parents] if p.exists())

@@ -151,11 +151,8 @@ class Kandinsky4T2VPipeline:
         if self.decode is not None or self.is_main:
             # 5. Decode with the VAE (2 latent frames per batch, 1 for images).
             clock = time.perf_counter()
-            if self.decode is not None:
-                frames = self.decode(self.vae, latents)  # (1, T, H, W, 3) on the main rank, else None
-            else:
-                frames = decode_latents(self.vae, latents)
-            frames = frames[0] if frames is not None else None  # (T, H, W, 3) uint8
+            frames = (self.decode or decode_latents)(self.vae, latents)  # (1, T, H, W, 3) on the main rank
+            frames = frames[0] if frames is not None else None  # (T, H, W, 3) uint8; None off the main rank
             _synchronize(self.device_map["vae"])
             timings["decode_s"] = time.perf_counter() - clock
         request = {"prompt": text, "seed": seed, "time_length": time_length, "width": width, "height": height}

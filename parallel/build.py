@@ -30,9 +30,9 @@ def get_parallel_T2V_pipeline(device_map, resolution=512, cache_dir="./weights/"
         # Fetch anything missing once, on rank 0, before the others look for it.
         resolve_weight_paths(cache_dir, dit_path, text_encoder_path, tokenizer_path, vae_path, scheduler_path)
     runtime.barrier()
-    if not runtime.is_group_main:  # T5 (and, without vae_parallel, the VAE) stay off these ranks
-        device_map = {key: runtime.device for key in device_map}
-    elif runtime.dp_size > 1:  # several groups per node: each group's first rank uses its own GPU
+    # Off the group's first rank T5 (and, without vae_parallel, the VAE) are not loaded; with several
+    # groups per node each group's first rank must use its own GPU: either way, everything on this rank's.
+    if not runtime.is_group_main or runtime.dp_size > 1:
         device_map = {key: runtime.device for key in device_map}
     sharded = runtime.tp_size > 1
     decode_on_all_ranks = sharded and vae_parallel

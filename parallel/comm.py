@@ -44,11 +44,7 @@ def all_reduce_sum(tensor, group) -> torch.Tensor:
 @torch.compiler.disable
 def all_gather_last_dim(tensor, group) -> torch.Tensor:
     """(..., n) on each of k ranks → (..., k·n), rank order along the last dim."""
-    _record("all_gather", tensor)
-    world = dist.get_world_size(group)
-    parts = [torch.empty_like(tensor) for _ in range(world)]
-    dist.all_gather(parts, tensor.contiguous(), group=group)
-    return torch.cat(parts, dim=-1)
+    return torch.cat(all_gather_list(tensor, group), dim=-1)
 
 
 def broadcast_from(tensor, src, group=None) -> torch.Tensor:

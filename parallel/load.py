@@ -6,13 +6,12 @@ memory-mapped .pt) → move → eval. `python -m parallel.convert` turns the pub
 into the .safetensors file this prefers.
 """
 import logging
-from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from k4flash.dit import DiffusionTransformer3D
-from k4flash.weights import check_state_dict, read_checkpoint, safetensors_sibling
+from k4flash.weights import check_state_dict, preferred_checkpoint, read_checkpoint
 
 from .tp import parallelize_dit, shard_plan_for, take_shard, validate_tp_degree
 
@@ -56,12 +55,12 @@ class _TorchSource:
 
 
 def open_checkpoint(checkpoint_path):
-    sibling = safetensors_sibling(checkpoint_path)
-    if sibling.exists():
-        return _SafetensorsSource(sibling), sibling
+    path = preferred_checkpoint(checkpoint_path)
+    if path.suffix == ".safetensors":
+        return _SafetensorsSource(path), path
     log.info("reading %s through mmap; `python -m parallel.convert %s` makes a safetensors copy that loads "
              "with less memory per rank", checkpoint_path, checkpoint_path)
-    return _TorchSource(checkpoint_path), Path(checkpoint_path)
+    return _TorchSource(path), path
 
 
 def load_dit_sharded(params: dict, checkpoint_path, mesh, device="cpu", dtype=torch.float32):

@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 
 from k4flash.cli import run
 from k4flash.config import register_configs
-from k4flash.tiny import TINY_DIT_PARAMS, tiny_dit_state_dict
+from k4flash.tiny import tiny_dit_state_dict
 from k4flash.weights import DIT_FILENAME
 from test_cli import ENTRY
 
