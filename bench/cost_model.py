@@ -16,12 +16,13 @@ if __package__ in (None, ""):  # `python bench/cost_model.py` from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import Report, add_output_args  # noqa: E402
-from k4flash import cost  # noqa: E402
-from k4flash.dit import PUBLISHED_DIT_PARAMS, DiffusionTransformer3D  # noqa: E402
+from k4flash.tools import cost  # noqa: E402
+from k4flash.dit import DiffusionTransformer3D
+from k4flash.published import PUBLISHED_DIT_PARAMS  # noqa: E402
 
 
 def meta_dit_flops(params=PUBLISHED_DIT_PARAMS, latent_fhw=cost.PUBLISHED_LATENT,
-                   text_tokens=cost.PUBLISHED_TEXT_TOKENS) -> int:
+                   text_tokens=cost.TEXT_TOKENS) -> int:
     """FlopCounterMode total of one forward of the real module, built and run on the meta device."""
     with torch.device("meta"):
         model = DiffusionTransformer3D(**params)
@@ -31,7 +32,7 @@ def meta_dit_flops(params=PUBLISHED_DIT_PARAMS, latent_fhw=cost.PUBLISHED_LATENT
     return cost.count_flops(lambda: model(x, text, t))["total"]
 
 
-def meta_t5_flops(tokens=cost.PUBLISHED_TEXT_TOKENS) -> int:
+def meta_t5_flops(tokens=cost.TEXT_TOKENS) -> int:
     from transformers import T5Config, T5EncoderModel
 
     config = T5Config(**cost.T5_XXL, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
@@ -58,7 +59,7 @@ def build_report(mfu=0.5, degrees=(1, 2, 4, 8), meta_check=True) -> Report:
     gpu = cost.H100_SXM
     flops = cost.dit_flops(params)
     report = Report("cost_model", mfu=mfu, gpu=gpu.name, latent=cost.PUBLISHED_LATENT,
-                    text_tokens=cost.PUBLISHED_TEXT_TOKENS, steps=cost.NUM_STEPS)
+                    text_tokens=cost.TEXT_TOKENS, steps=cost.NUM_STEPS)
 
     rows = [dict(part=name, tflop=flops[name], share=flops[name] / flops["total"])
             for name in ("qkv", "attention_out", "mlp", "modulation", "embeddings", "linear", "attention", "total")]

@@ -1,4 +1,5 @@
-"""DiT forward time on CPU: ours eager, ours torch.compile'd, and SPEC's literal formulation, in one run.
+"""DiT forward time on CPU: ours eager, ours torch.compile'd, and the literal reference forward
+(k4flash/tools/reference.py), in one run.
 
     python -m bench.dit_forward [--config mid|tiny] [--threads 1] [--repeats 5] [--compile] [--no-reference]
                                 [--json F] [--md F]
@@ -6,7 +7,7 @@
 Random non-zero weights (k4flash.tiny.fill_deterministic_), float32, no_grad. Ours: one
 warm-up call, then `--repeats` timed calls. `--compile` then compiles the blocks in place
 (DiffusionTransformer3D.compile_blocks), times the first call (the compile) on its own and
-`--repeats` calls after it. `k4flash.reference.reference_forward` (separate visual/text
+`--repeats` calls after it. `k4flash.tools.reference.reference_forward` (separate visual/text
 passes, RoPE tables rebuilt per call) runs on the same weights and inputs once, plus a
 second time if the first took < 60 s; its output also checks ours. Ratios are medians
 measured in this process.
@@ -24,7 +25,7 @@ if __package__ in (None, ""):  # `python bench/dit_forward.py` from a checkout
 
 from bench.report import Report, add_output_args  # noqa: E402
 from k4flash.dit import DiffusionTransformer3D  # noqa: E402
-from k4flash.reference import reference_forward  # noqa: E402
+from k4flash.tools.reference import reference_forward  # noqa: E402
 from k4flash.tiny import TINY_DIT_PARAMS, fill_deterministic_  # noqa: E402
 
 CONFIGS = {
@@ -94,7 +95,7 @@ def main(argv=None):
                 ref_times += timed(reference, 1)[1]
             else:
                 report.note(f"reference took {ref_times[0]:.1f} s (> {REFERENCE_SECOND_RUN_LIMIT_S:.0f} s): run once")
-            rows.append(_row("SPEC reference (k4flash/reference.py)", ref_times, ref_out, eager_out))
+            rows.append(_row("literal reference (k4flash/tools/reference.py)", ref_times, ref_out, eager_out))
         if args.compile:
             model.compile_blocks(backend=args.backend)
             _, (first_s,) = timed(lambda: model(x, text, timestep), 1)

@@ -30,7 +30,7 @@ from bench.dit_forward import CONFIGS, config_inputs  # noqa: E402
 from bench.report import Report, add_output_args, time_calls  # noqa: E402
 from k4flash.dit import DiffusionTransformer3D  # noqa: E402
 from k4flash.tiny import fill_deterministic_  # noqa: E402
-from parallel.spawn import run_ranks  # noqa: E402
+from tests.spawn import run_ranks  # noqa: E402
 
 
 def _status_mb(field):

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from bench.report import Report, add_output_args, time_calls  # noqa: E402
 from bench.tp import _peak_growth_mb, _status_mb  # noqa: E402
 from k4flash.tiny import TINY_VAE_CONFIG, fill_deterministic_  # noqa: E402
-from parallel.spawn import run_ranks  # noqa: E402
+from tests.spawn import run_ranks  # noqa: E402
 
 CONFIGS = {
     # 3 spatial up levels (2 temporal), 3 resnets per up block, 8 groups; 9 frames of 512 x 192.

@@ -1,14 +1,43 @@
-"""k4flash: fast, distributed inference for Kandinsky 4.0 T2V Flash."""
+"""k4flash: fast, distributed inference for Kandinsky 4.0 T2V Flash.
+
+The public facade. `get_T2V_pipeline` is the model card's call; it is also the one place
+where a run under a multi-rank launcher (torchrun, `python -m torch.distributed.launch`:
+WORLD_SIZE > 1) is routed to parallel/, which shards the DiT and splits the VAE decode.
+The library modules beside this file are single-process and never import parallel/.
+"""
+import os
+
+from .published import PUBLISHED_DIT_PARAMS
+
 __version__ = "0.1.0"
 __all__ = ["DiffusionTransformer3D", "PUBLISHED_DIT_PARAMS", "Kandinsky4T2VPipeline", "get_T2V_pipeline"]
 
 
+def get_T2V_pipeline(device_map, resolution: int = 512, cache_dir="./weights/", dit_path=None,
+                     text_encoder_path=None, tokenizer_path=None, vae_path=None, scheduler_path=None,
+                     conf_path=None, **options):
+    """The model card's entry point: load T5, the DiT and the VAE and return the pipeline.
+
+    One process: `k4flash.pipeline.load_pipeline`. Under a launcher (WORLD_SIZE > 1): this
+    rank's pipeline from `parallel.rank_pipeline.load_rank_pipeline` (joins the process group,
+    every rank in one TP group). `options` (keyword-only): dit_params, dtype, download,
+    noise_dtype, compile, as `load_pipeline` documents them.
+    """
+    args = (device_map, resolution, cache_dir, dit_path, text_encoder_path, tokenizer_path, vae_path,
+            scheduler_path, conf_path)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from parallel.rank_pipeline import load_rank_pipeline
+        return load_rank_pipeline(*args, **options)
+    from .pipeline import load_pipeline
+    return load_pipeline(*args, **options)
+
+
 def __getattr__(name):
-    # Lazy: `k4flash.cli` must answer bad input without importing diffusers/transformers.
-    if name in ("DiffusionTransformer3D", "PUBLISHED_DIT_PARAMS"):
-        from . import dit
-        return getattr(dit, name)
-    if name in ("Kandinsky4T2VPipeline", "get_T2V_pipeline"):
-        from . import pipeline
-        return getattr(pipeline, name)
+    # Lazy: importing k4flash (e.g. for the app's input checks) must not import torch or diffusers.
+    if name == "DiffusionTransformer3D":
+        from .dit import DiffusionTransformer3D
+        return DiffusionTransformer3D
+    if name == "Kandinsky4T2VPipeline":
+        from .pipeline import Kandinsky4T2VPipeline
+        return Kandinsky4T2VPipeline
     raise AttributeError(f"module 'k4flash' has no attribute {name!r}")

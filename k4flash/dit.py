@@ -1,4 +1,4 @@
-"""The Kandinsky 4.0 T2V Flash diffusion transformer (SPEC: "DiT forward").
+"""The Kandinsky 4.0 T2V Flash diffusion transformer (docs/model.md "DiT forward").
 
 Module and parameter names reproduce the published state-dict keys exactly, so the
 published checkpoint loads strictly. The model knows nothing about ranks: heads are
@@ -15,14 +15,8 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from .attention import apply_rope, joint_attention, rope_angle_table, rope_cos_sin, sinusoid_freqs
-
-# SPEC "DiT hyper-parameters": the published model.
-PUBLISHED_DIT_PARAMS = dict(
-    in_visual_dim=16, in_text_dim=4096, out_visual_dim=16, time_dim=512, patch_size=(1, 2, 2),
-    model_dim=3072, ff_dim=12288, num_blocks=21, axes_dims=(16, 24, 24),
-)
-ROPE_MAX_POSITIONS = 128
+from .dit_math import apply_rope, joint_attention, rope_angle_table, rope_cos_sin, sinusoid_freqs
+from .published import PUBLISHED_DIT_PARAMS, ROPE_MAX_POSITIONS  # noqa: F401 (re-exported)
 
 
 class TimeEmbeddings(nn.Module):
@@ -65,13 +59,13 @@ class VisualEmbeddings(nn.Module):
 
     def forward(self, x):  # (B, F, H, W, C)
         pf, ph, pw = self.patch_size
-        # Patch vector ordered (pt, ph, pw, C), C fastest (SPEC step 3).
+        # Patch vector ordered (pt, ph, pw, C), C fastest (docs/model.md "DiT forward" step 3).
         patches = rearrange(x, "b (f pf) (h ph) (w pw) c -> b (f h w) (pf ph pw c)", pf=pf, ph=ph, pw=pw)
         return self.in_layer(patches)  # (B, N, D)
 
 
 class RoPE3D(nn.Module):
-    """cos/sin of the 3D RoPE angles for a patch grid (SPEC step 4).
+    """cos/sin of the 3D RoPE angles for a patch grid (docs/model.md "DiT forward" step 4).
 
     The `args_{i}` buffers exist for state-dict compatibility only: the tables are
     recomputed from the config in float32, because a model cast to bf16 would round
@@ -127,7 +121,7 @@ class MultiheadSelfAttention(nn.Module):
         query = self.query_norm(query).type_as(query).transpose(1, 2)  # (B, heads, S, head_dim)
         key = self.key_norm(key).type_as(key).transpose(1, 2)
         value = value.transpose(1, 2)
-        # RoPE on the visual tokens only (SPEC step 4); text keeps its q, k.
+        # RoPE on the visual tokens only (docs/model.md "DiT forward" step 4); text keeps its q, k.
         query = torch.cat([apply_rope(query[:, :, :num_visual], rope_cos, rope_sin), query[:, :, num_visual:]], dim=2)
         key = torch.cat([apply_rope(key[:, :, :num_visual], rope_cos, rope_sin), key[:, :, num_visual:]], dim=2)
         out = joint_attention(query, key, value).transpose(1, 2).flatten(2)  # (B, S, D)
@@ -190,14 +184,16 @@ class OutLayer(nn.Module):
         out = self.out_layer(self.norm(visual) * (scale + 1.0) + shift)  # (B, N, prod(patch) * C)
         pf, ph, pw = self.patch_size
         f, h, w = grid
-        # The output vector is ordered (C, pt, ph, pw), not the input order (SPEC step 6).
+        # The output vector is ordered (C, pt, ph, pw), not the input order (docs/model.md "DiT forward" step 6).
         return rearrange(out, "b (f h w) (c pf ph pw) -> b (f pf) (h ph) (w pw) c",
                          f=f, h=h, w=w, pf=pf, ph=ph, pw=pw)  # (B, F, H, W, C)
 
 
 class DiffusionTransformer3D(nn.Module):
-    def __init__(self, in_visual_dim=16, in_text_dim=4096, out_visual_dim=16, time_dim=512, patch_size=(1, 2, 2),
-                 model_dim=3072, ff_dim=12288, num_blocks=21, axes_dims=(16, 24, 24)):
+    """The DiT. The published model is `DiffusionTransformer3D(**PUBLISHED_DIT_PARAMS)` (k4flash/published.py)."""
+
+    def __init__(self, *, in_visual_dim, in_text_dim, out_visual_dim, time_dim, patch_size, model_dim, ff_dim,
+                 num_blocks, axes_dims):
         super().__init__()
         head_dim = sum(axes_dims)
         if any(d % 2 for d in axes_dims):

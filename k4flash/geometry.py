@@ -1,9 +1,9 @@
-"""Video geometry and request validation (SPEC: "Video geometry").
+"""Video geometry and request validation (docs/model.md "Video geometry").
 
-Everything here is cheap and runs before any weights load, so bad input fails in
-milliseconds with a one-line message naming the value and what is allowed.
+Everything here is cheap (no torch) and runs before any weights load, so bad input fails
+in milliseconds with a one-line message naming the value and what is allowed.
 """
-from .dit import ROPE_MAX_POSITIONS
+from .published import ROPE_MAX_POSITIONS
 
 RESOLUTIONS = {
     512: ((512, 512), (352, 736), (736, 352), (384, 672), (672, 384), (480, 544), (544, 480)),
@@ -19,11 +19,6 @@ def num_latent_frames(time_length: int) -> int:
     return time_length * 8 // 4 + 1
 
 
-def num_video_frames(latent_frames: int) -> int:
-    """Frames the CogVideoX VAE decodes from `latent_frames` latent frames."""
-    return 4 * (latent_frames - 1) + 1
-
-
 def latent_shape(time_length: int, height: int, width: int) -> tuple:
     """(F, H/8, W/8, 16), the channel-last latent shape of one video."""
     return (num_latent_frames(time_length), height // VAE_SPATIAL_FACTOR, width // VAE_SPATIAL_FACTOR, LATENT_CHANNELS)
@@ -32,6 +27,12 @@ def latent_shape(time_length: int, height: int, width: int) -> tuple:
 def validate_resolution(resolution: int) -> None:
     if resolution not in RESOLUTIONS:
         raise ValueError(f"resolution={resolution!r} is not supported; allowed: {sorted(RESOLUTIONS)}")
+
+
+def validate_seed(seed) -> None:
+    """Raise ValueError unless `seed` is a non-negative int (what torch.Generator.manual_seed takes)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed={seed!r} must be a non-negative integer")
 
 
 def validate_request(prompt, time_length, height, width, resolution: int = 512) -> None:

@@ -1,51 +1,67 @@
-"""Text → video: the Kandinsky 4.0 T2V Flash pipeline and the model card's entry point.
+"""Text → video: the Kandinsky 4.0 T2V Flash pipeline, one process.
 
-`Kandinsky4T2VPipeline.__call__` reads as numbered stages: validate → encode text →
-prepare latents → denoise → decode → write. Everything rank-related is injected
-(`broadcast`, `is_main`, `decode`): with the defaults it is the one-process pipeline.
+`Kandinsky4T2VPipeline.generate` reads as numbered stages: validate → encode text →
+prepare latents → denoise → decode; `write_outputs` is the last stage. The pipeline
+never meets a rank: what a process loads, encodes, decodes and writes, and how it gets
+the text embedding, is asked of a `Role`. The default `Role` does everything alone;
+parallel/rank_pipeline.py supplies the role of one rank of a multi-rank run.
 """
 import contextlib
+import functools
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import Optional
 
 import torch
-from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from .dit import PUBLISHED_DIT_PARAMS
+from .devices import normalize_device_map, resolve_dtype, synchronize
 from .geometry import FPS, latent_shape, num_latent_frames, validate_request, validate_resolution
+from .outputs import frames_to_pil, write_json_atomic, write_mp4, write_png, write_safetensors_atomic
+from .published import PUBLISHED_DIT_PARAMS, TEXT_TOKENS
 from .sampler import Schedule, load_schedule, sample
-from .vae import decode_latents
-from .video import frames_to_pil, write_json_atomic, write_mp4, write_png, write_safetensors_atomic
 from .weights import load_dit, resolve_weight_paths
 
-TEXT_TOKENS = 224
 log = logging.getLogger("k4flash")
-DEVICE_KEYS = ("dit", "vae", "text_embedder")
 
 
-def default_dtype(device) -> torch.dtype:
-    """bf16 on accelerators (as the official code runs), float32 on CPU."""
-    return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+class Role:
+    """What this process does in a generation; this default does all of it, alone.
 
+    `is_main`: the job's first process (progress bars, logs). `is_group_main`: the process
+    that encodes the prompt, receives the frames and writes the outputs. A multi-rank
+    run's role (parallel/rank_pipeline.py) answers these per rank.
+    """
+    is_main = True
+    is_group_main = True
 
-def normalize_device_map(device_map) -> dict:
-    if isinstance(device_map, dict):
-        unknown = set(device_map) - set(DEVICE_KEYS)
-        missing = set(DEVICE_KEYS) - set(device_map)
-        if unknown or missing:
-            raise ValueError(f"device_map keys {sorted(device_map)} must be exactly {list(DEVICE_KEYS)}")
-        return {key: torch.device(device_map[key]) for key in DEVICE_KEYS}
-    return {key: torch.device(device_map) for key in DEVICE_KEYS}
+    def place(self, device_map: dict) -> dict:
+        """The devices this process's models go on."""
+        return device_map
 
+    def fetch_weights(self, resolve, download: bool):
+        """resolve(download) → WeightPaths; a multi-rank role lets one rank download while the rest wait."""
+        return resolve(download)
 
-def _synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    def load_dit(self, params: dict, checkpoint_path, device, dtype) -> torch.nn.Module:
+        return load_dit(params, checkpoint_path, device=device, dtype=dtype)
+
+    @property
+    def loads_vae(self) -> bool:
+        return True
+
+    def share(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The group main's `tensor` (text embedding, seed) on every process that denoises with it."""
+        return tensor
+
+    def decoder(self, vae):
+        """callable(latents) → uint8 frames (1, T, H, W, 3) on CPU, or None where the frames do not land;
+        None: this process takes no part in decoding. Any wrapping of the VAE happens here, once."""
+        from .vae import decode_latents
+
+        return functools.partial(decode_latents, vae)
 
 
 def derived_path(save_path, suffix) -> Path:
@@ -64,24 +80,25 @@ class Generation:
 
 class Kandinsky4T2VPipeline:
     def __init__(self, device_map, dit, text_encoder, vae, schedule: Schedule, resolution=512, dtype=None,
-                 noise_dtype=torch.bfloat16, is_main=True, broadcast=None, text_dim=None, metadata=None,
-                 decode=None):
+                 noise_dtype=torch.bfloat16, *, text_dim=None, metadata=None, role: Optional[Role] = None):
         validate_resolution(resolution)
+        self.role = role or Role()
         self.device_map = normalize_device_map(device_map)
         self.dit = dit
-        self.text_encoder = text_encoder  # None on ranks that do not encode
-        self.vae = vae  # None on ranks that do not decode
-        # callable(vae, latents) -> uint8 frames (1, T, H, W, 3) on the main rank, None elsewhere, run on
-        # every rank (parallel/vae.py's decode_latents_parallel); None: the main rank decodes alone.
-        self.decode = decode
+        self.text_encoder = text_encoder  # None where the role does not encode
+        self.vae = vae  # None where the role does not decode
+        self.decode = self.role.decoder(vae)  # None where the role does not decode
         self.schedule = schedule
         self.resolution = resolution
-        self.dtype = dtype or default_dtype(self.device_map["dit"])
+        self.dtype = resolve_dtype(dtype, self.device_map["dit"])
         self.noise_dtype = noise_dtype
-        self.is_main = is_main
-        self.broadcast = broadcast  # callable(tensor) -> tensor from the main rank, for multi-rank runs
         self.text_dim = text_dim or (text_encoder.d_model if text_encoder is not None else None)
         self.metadata = dict(metadata or {})
+
+    @property
+    def is_group_main(self) -> bool:
+        """This process gets the frames and writes the outputs (always, in one process)."""
+        return self.role.is_group_main
 
     def _autocast(self):
         # The official code runs the bf16 DiT under autocast (LayerNorms in float32); do the same.
@@ -91,7 +108,7 @@ class Kandinsky4T2VPipeline:
         return torch.autocast(device_type=device.type, dtype=self.dtype)
 
     def encode_text(self, text: str) -> torch.Tensor:
-        """(1, 224, d_model) on the DiT device in the DiT dtype; the main rank encodes, others receive."""
+        """(1, 224, d_model) on the DiT device in the DiT dtype; the group main encodes, the others receive."""
         device = self.device_map["dit"]
         if self.text_encoder is not None:
             count = self.text_encoder.token_count(text)
@@ -101,9 +118,7 @@ class Kandinsky4T2VPipeline:
             embed = self.text_encoder([text]).to(device=device, dtype=self.dtype)
         else:
             embed = torch.empty(1, TEXT_TOKENS, self.text_dim, device=device, dtype=self.dtype)
-        if self.broadcast is not None:
-            embed = self.broadcast(embed)
-        return embed
+        return self.role.share(embed)
 
     @torch.no_grad()
     def denoise(self, text_embed, shape, seed, progress=True) -> torch.Tensor:
@@ -115,7 +130,7 @@ class Kandinsky4T2VPipeline:
             with self._autocast():
                 return self.dit(latent[None].to(self.dtype), text_embed, t)[0]
 
-        bar = tqdm(total=len(self.schedule.timesteps), desc="denoise", disable=not (progress and self.is_main))
+        bar = tqdm(total=len(self.schedule.timesteps), desc="denoise", disable=not (progress and self.role.is_main))
         latents = sample(velocity, shape, self.schedule, seed, device=device, noise_dtype=self.noise_dtype,
                          on_step=lambda *_: bar.update(1))
         bar.close()
@@ -124,19 +139,17 @@ class Kandinsky4T2VPipeline:
     @torch.no_grad()
     def generate(self, text: str, time_length: int = 12, width: int = 512, height: int = 512, seed: int = None,
                  progress: bool = True) -> Generation:
-        """Stages 1-5: validate, encode, prepare latents, denoise, decode. Frames only on the main rank."""
+        """Stages 1-5: validate, encode, prepare latents, denoise, decode. Frames only on the group main."""
         # 1. Validate the request before any work.
         validate_request(text, time_length, height, width, self.resolution)
         if seed is None:
-            seed = int(torch.randint(2**63 - 1, (1,)).item())
-            if self.broadcast is not None:
-                seed = int(self.broadcast(torch.tensor([seed], device=self.device_map["dit"])).item())
+            seed = int(self.role.share(torch.randint(2**63 - 1, (1,)).to(self.device_map["dit"])).item())
         timings = {}
         clock = time.perf_counter()
 
         # 2. Encode the prompt (224 tokens, no attention mask).
         text_embed = self.encode_text(text)
-        _synchronize(self.device_map["dit"])
+        synchronize(self.device_map["dit"])
         timings["text_encode_s"] = time.perf_counter() - clock
 
         # 3. Prepare the latent geometry: (F, H/8, W/8, 16).
@@ -145,22 +158,22 @@ class Kandinsky4T2VPipeline:
         # 4. Denoise: 4 renoise steps of the DiT.
         clock = time.perf_counter()
         latents = self.denoise(text_embed, shape, seed, progress=progress)
-        _synchronize(self.device_map["dit"])
+        synchronize(self.device_map["dit"])
         timings["denoise_s"] = time.perf_counter() - clock
         frames = None
-        if self.decode is not None or self.is_main:
+        if self.decode is not None:
             # 5. Decode with the VAE (2 latent frames per batch, 1 for images).
             clock = time.perf_counter()
-            frames = (self.decode or decode_latents)(self.vae, latents)  # (1, T, H, W, 3) on the main rank
-            frames = frames[0] if frames is not None else None  # (T, H, W, 3) uint8; None off the main rank
-            _synchronize(self.device_map["vae"])
+            frames = self.decode(latents)  # (1, T, H, W, 3) uint8 on the group main, None elsewhere
+            frames = frames[0] if frames is not None else None  # (T, H, W, 3)
+            synchronize(self.device_map["vae"])
             timings["decode_s"] = time.perf_counter() - clock
         request = {"prompt": text, "seed": seed, "time_length": time_length, "width": width, "height": height}
         return Generation(request, latents, frames, timings)
 
     def write_outputs(self, generation: Generation, save_path, save_latents=False, overwrite=True,
                       extra_metadata=None) -> Path:
-        """Stage 6 (main rank): MP4 (PNG for an image), optional latents, JSON sidecar; each file atomic.
+        """Stage 6 (group main): MP4 (PNG for an image), optional latents, JSON sidecar; each file atomic.
 
         Returns the path of the video (or image) written.
         """
@@ -196,7 +209,7 @@ class Kandinsky4T2VPipeline:
         if bs != 1:
             raise ValueError(f"bs={bs} is not supported; the distilled pipeline generates one video per call (bs=1)")
         generation = self.generate(text, time_length, width, height, seed, progress)
-        if not self.is_main:
+        if not self.is_group_main:
             return None
         if return_frames or time_length == 0:
             return frames_to_pil(generation.frames)
@@ -205,6 +218,8 @@ class Kandinsky4T2VPipeline:
 
 def _conf_from_official_yaml(conf_path):
     """Paths and DiT params from the official pipeline conf (OmegaConf YAML)."""
+    from omegaconf import OmegaConf
+
     conf = OmegaConf.load(conf_path)
     try:
         return {
@@ -220,35 +235,24 @@ def _conf_from_official_yaml(conf_path):
         raise ValueError(f"conf_path {conf_path} is not an official pipeline conf: {err}".splitlines()[0]) from err
 
 
-def get_T2V_pipeline(device_map: Union[str, torch.device, dict], resolution: int = 512, cache_dir: str = "./weights/",
-                     dit_path: str = None, text_encoder_path: str = None, tokenizer_path: str = None,
-                     vae_path: str = None, scheduler_path: str = None, conf_path: str = None, *,
-                     dit_params: dict = None, dtype: torch.dtype = None, download: bool = True,
-                     noise_dtype: torch.dtype = torch.bfloat16, load_dit_fn=None, is_main: bool = True,
-                     broadcast=None, compile: bool = False, load_vae_here: bool = None,
-                     decode=None) -> Kandinsky4T2VPipeline:
-    """The model card's entry point: resolve weights, load T5, DiT and VAE, return the pipeline.
+def load_pipeline(device_map, resolution: int = 512, cache_dir="./weights/", dit_path=None,
+                  text_encoder_path=None, tokenizer_path=None, vae_path=None, scheduler_path=None, conf_path=None, *,
+                  dit_params: dict = None, dtype: torch.dtype = None, download: bool = True,
+                  noise_dtype: torch.dtype = torch.bfloat16, compile: bool = False,
+                  role: Optional[Role] = None) -> Kandinsky4T2VPipeline:
+    """Resolve the weights, load T5, DiT and VAE as `role` says (default: all of them, here), return the pipeline.
 
-    Missing weights are fetched from the Hub when online (`download=True`), else a
-    FileNotFoundError names the missing file and where to put it. Under a multi-rank
-    launcher (WORLD_SIZE > 1) the DiT is sharded across the ranks (parallel/).
-    The keyword hooks are how parallel/ builds a rank's pipeline: `load_dit_fn(params,
-    path, device, dtype)` loads the DiT, `is_main=False` skips T5 and the VAE (unless
-    `load_vae_here=True`), `broadcast(tensor)` shares the main rank's text embedding, and
-    `decode(vae, latents)` replaces the main rank's decode with one every rank runs.
-    `compile=True` torch.compiles the DiT's blocks (DiffusionTransformer3D.compile_blocks).
+    The arguments are the model card's `get_T2V_pipeline` (k4flash/__init__.py), which calls this
+    in a single process. Missing weights are fetched from the Hub when online (`download=True`),
+    else a FileNotFoundError names the missing file and where to put it. `dit_params` defaults to
+    the published DiT. `compile=True` torch.compiles the DiT's blocks (DiffusionTransformer3D.compile_blocks).
     """
-    if load_dit_fn is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from parallel.build import get_parallel_T2V_pipeline
-        return get_parallel_T2V_pipeline(
-            device_map, resolution, cache_dir, dit_path, text_encoder_path, tokenizer_path, vae_path, scheduler_path,
-            conf_path, dit_params=dit_params, dtype=dtype, download=download, noise_dtype=noise_dtype,
-            compile=compile)
     from .text_encoder import T5TextEncoder
     from .vae import load_vae
 
+    role = role or Role()
     validate_resolution(resolution)
-    device_map = normalize_device_map(device_map)
+    device_map = role.place(normalize_device_map(device_map))
     max_length = TEXT_TOKENS
     if conf_path is not None:
         conf = _conf_from_official_yaml(conf_path)
@@ -258,24 +262,22 @@ def get_T2V_pipeline(device_map: Union[str, torch.device, dict], resolution: int
             dit_path or conf["dit_path"], scheduler_path or conf["scheduler_path"], vae_path or conf["vae_path"],
             text_encoder_path or conf["text_encoder_path"], tokenizer_path or conf["tokenizer_path"])
     dit_params = dict(dit_params or PUBLISHED_DIT_PARAMS)
-    paths = resolve_weight_paths(cache_dir, dit_path, text_encoder_path, tokenizer_path, vae_path, scheduler_path,
-                                 download=download)
-    dtype = dtype or default_dtype(device_map["dit"])
+    paths = role.fetch_weights(functools.partial(resolve_weight_paths, cache_dir, dit_path, text_encoder_path,
+                                                 tokenizer_path, vae_path, scheduler_path), download)
+    dtype = resolve_dtype(dtype, device_map["dit"])
 
     schedule = load_schedule(paths.scheduler)
-    dit = (load_dit_fn or load_dit)(dit_params, paths.dit, device=device_map["dit"], dtype=dtype)
+    dit = role.load_dit(dit_params, paths.dit, device=device_map["dit"], dtype=dtype)
     if compile:
         dit.compile_blocks()
     text_encoder = vae = None
-    if is_main:  # only the main rank encodes
+    if role.is_group_main:
         text_encoder = T5TextEncoder(paths.text_encoder, paths.tokenizer, max_length=max_length,
                                      device=device_map["text_embedder"], dtype=dtype)
         if text_encoder.d_model != dit_params["in_text_dim"]:
             raise ValueError(f"text encoder width {text_encoder.d_model} != DiT in_text_dim "
                              f"{dit_params['in_text_dim']}")
-    load_vae_here = is_main if load_vae_here is None else load_vae_here
-    if load_vae_here:  # the main rank decodes, or every rank does (parallel/vae.py)
+    if role.loads_vae:
         vae = load_vae(paths.vae, device=device_map["vae"], dtype=dtype)
     return Kandinsky4T2VPipeline(device_map, dit, text_encoder, vae, schedule, resolution=resolution, dtype=dtype,
-                                 noise_dtype=noise_dtype, is_main=is_main, broadcast=broadcast,
-                                 text_dim=dit_params["in_text_dim"], decode=decode)
+                                 noise_dtype=noise_dtype, text_dim=dit_params["in_text_dim"], role=role)

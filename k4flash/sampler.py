@@ -1,4 +1,4 @@
-"""The distilled 4-step "renoise" sampler (SPEC: "Sampler"), as a few pure functions.
+"""The distilled 4-step "renoise" sampler (docs/model.md "Sampler"), as a few pure functions.
 
 Seed fidelity with the official code rests on three details reproduced here:
 - every draw comes from one CPU generator, in the order initial latent, then one
@@ -13,8 +13,9 @@ from pathlib import Path
 
 import torch
 
-NUM_STEPS = 4
-# CogVideoX-5b's scheduler_config.json (SPEC), used when no scheduler folder is given.
+from .published import NUM_STEPS
+
+# CogVideoX-5b's scheduler_config.json (docs/model.md "Sampler"), used when no scheduler folder is given.
 DEFAULT_SCHEDULER_CONFIG = {
     "_class_name": "CogVideoXDDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
     "beta_schedule": "scaled_linear", "clip_sample": False, "clip_sample_range": 1.0,
@@ -31,7 +32,7 @@ class Schedule:
 
 
 def load_schedule(scheduler_path=None, num_steps: int = NUM_STEPS) -> Schedule:
-    """Timesteps and ᾱ from a diffusers scheduler folder (or the SPEC defaults)."""
+    """Timesteps and ᾱ from a diffusers scheduler folder (or CogVideoX-5b's config above)."""
     from diffusers import CogVideoXDDIMScheduler
 
     config = dict(DEFAULT_SCHEDULER_CONFIG)

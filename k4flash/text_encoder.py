@@ -1,4 +1,4 @@
-"""T5 text conditioning exactly as the official code does it (SPEC "Text conditioning").
+"""T5 text conditioning exactly as the official code does it (docs/model.md "Text conditioning").
 
 Prompts are tokenised to a fixed 224 tokens (EOS added, right-padded with <pad>, longer
 prompts truncated) and the encoder is run WITHOUT an attention mask, so padding positions
@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, T5EncoderModel
 
-TEXT_MAX_LENGTH = 224
+from .published import TEXT_TOKENS
 
 
 class T5TextEncoder:
@@ -22,7 +22,7 @@ class T5TextEncoder:
         self,
         encoder_path: str | Path,
         tokenizer_path: str | Path,
-        max_length: int = TEXT_MAX_LENGTH,
+        max_length: int = TEXT_TOKENS,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
     ):

@@ -1,7 +1,7 @@
 """The embedded tiny model: an untrained, deterministic stand-in for the published weights.
 
-`ensure_tiny_weights()` writes a folder laid out exactly like the real weights (SPEC
-"Weights layout"), in the same file formats, so the very same loading and inference code
+`ensure_tiny_weights()` writes a folder laid out exactly like the real weights
+(docs/model.md "Weights layout"), in the same file formats, so the very same loading and inference code
 runs on it; only the sizes differ. The outputs are noise-like videos, not real content.
 """
 
@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from .sampler import DEFAULT_SCHEDULER_CONFIG
-from .weights import DIT_FILENAME, REQUIRED_FILES, check_component
+from .published import DIT_FILENAME
+from .weights import REQUIRED_FILES, check_component
 
 TINY_DIT_PARAMS = dict(
     in_visual_dim=16,
@@ -61,7 +62,6 @@ TINY_T5_CONFIG = dict(
     tie_word_embeddings=False,
 )
 
-SCHEDULER_CONFIG = DEFAULT_SCHEDULER_CONFIG  # CogVideoX-5b's scheduler_config.json (SPEC)
 TINY_FORMAT_VERSION = 1
 _COMPLETE_MARKER = ".k4flash-tiny-complete"
 _T5_EXTRA_IDS = 100  # T5's <extra_id_N> sentinels, appended after the sentencepiece pieces
@@ -80,7 +80,7 @@ def default_cache_dir() -> Path:
 
 
 def tiny_dit_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
-    """State dict of the tiny DiT (SPEC keys) with every tensor random and non-zero.
+    """State dict of the tiny DiT (the published keys) with every tensor random and non-zero.
 
     The official init zeroes the modulation layers, which would make every block an identity
     and hide bugs; here every Linear/LayerNorm gets generator-drawn values instead.
@@ -89,7 +89,7 @@ def tiny_dit_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
 
     with torch.random.fork_rng(devices=[]):  # the constructor's default init must not move the global RNG
         model = DiffusionTransformer3D(**TINY_DIT_PARAMS)
-    # rope_embeddings.args_* are derived tables (SPEC), left exactly as the model built them.
+    # rope_embeddings.args_* are derived tables (docs/model.md "State-dict keys"), left as the model built them.
     fill_deterministic_(model, seed)
     return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
 
@@ -298,11 +298,11 @@ def _build_tiny_weights(folder: Path) -> None:
                 parameter.mul_(0.35)
         vae.save_pretrained(folder / "vae")
         # is_main_process alone is not enough: under an initialised process group transformers
-        # writes on rank 0 only, so build the cache before joining one (k4flash.cli does).
+        # writes on rank 0 only, so build the cache before joining one (k4flash/app/cli.py does).
         fill_deterministic_(text_encoder, _T5_SEED).save_pretrained(folder / "text_encoder")
 
     (folder / "scheduler").mkdir()
-    _write_json(folder / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIG)
+    _write_json(folder / "scheduler" / "scheduler_config.json", DEFAULT_SCHEDULER_CONFIG)
     for kind in REQUIRED_FILES:  # a writer that silently skipped a file must not leave a "complete" cache
         check_component(kind, folder / kind)
     # Written last: its presence means every other file is complete.

@@ -1,4 +1,4 @@
-"""CogVideoX 3D causal VAE: loading and decoding latents to uint8 frames (SPEC "VAE decode")."""
+"""CogVideoX 3D causal VAE: loading and decoding latents to uint8 frames (docs/model.md "VAE decode")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Finding, validating and loading the published weights (SPEC: "Weights layout").
+"""Finding, validating and loading the published weights (docs/model.md "Weights layout").
 
 One load path for the DiT (after gpt-fast's `_load_model`): build on the meta
 device → read the checkpoint (mmap) → check every key and shape → assign → recompute
@@ -12,11 +12,10 @@ from pathlib import Path
 import torch
 
 from .dit import DiffusionTransformer3D
+from .published import COMPONENTS_REPO, DIT_FILENAME, DIT_REPO
 
-DIT_FILENAME = "kandinsky4_distil_512.pt"
-DIT_REPO = "ai-forever/kandinsky-4-t2v-flash"
-COMPONENTS_REPO = "THUDM/CogVideoX-5b"
-# Buffers derived from the config: a file may or may not carry them (SPEC), we recompute.
+# Buffers derived from the config: a file may or may not carry them (docs/model.md "State-dict keys"),
+# we recompute.
 DERIVED_KEYS = ("rope_embeddings.args_0", "rope_embeddings.args_1", "rope_embeddings.args_2")
 
 
@@ -75,7 +74,7 @@ def _download(kind, repo, filename=None, subfolder=None, local_dir=None):
 
 def resolve_weight_paths(cache_dir="./weights/", dit_path=None, text_encoder_path=None, tokenizer_path=None,
                          vae_path=None, scheduler_path=None, download=True) -> WeightPaths:
-    """Explicit paths win; else the SPEC layout under cache_dir; else the Hub (when online)."""
+    """Explicit paths win; else the published layout under cache_dir; else the Hub (when online)."""
     cache_dir = Path(cache_dir)
     wanted = {
         "dit": (dit_path, cache_dir / DIT_FILENAME, DIT_REPO, DIT_FILENAME, None),

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from k4flash.dit import DiffusionTransformer3D
 from k4flash.weights import check_state_dict, preferred_checkpoint, read_checkpoint
 
-from .tp import parallelize_dit, shard_plan_for, take_shard, validate_tp_degree
+from .tp import mesh_coords, parallelize_dit, shard_plan_for, slice_reader, take_shard, validate_tp_degree
 
 log = logging.getLogger("k4flash")
 
@@ -46,12 +46,7 @@ class _TorchSource:
         self.shapes = {k: tuple(v.shape) for k, v in self.state.items()}
 
     def reader(self, key):
-        tensor = self.state[key]
-
-        def read(rows, cols):
-            view = tensor if rows is None else tensor[rows[0]:rows[1]]
-            return view if cols is None else view[:, cols[0]:cols[1]]
-        return read
+        return slice_reader(self.state[key])
 
 
 def open_checkpoint(checkpoint_path):
@@ -65,8 +60,7 @@ def open_checkpoint(checkpoint_path):
 
 def load_dit_sharded(params: dict, checkpoint_path, mesh, device="cpu", dtype=torch.float32):
     """A DiT holding this rank's shard, loaded from the published checkpoint."""
-    world = mesh.size() if hasattr(mesh, "size") else mesh[2]
-    rank = mesh.get_local_rank() if hasattr(mesh, "get_local_rank") else mesh[1]
+    _, rank, world = mesh_coords(mesh)
     validate_tp_degree(params, world)  # before touching the file
     with torch.device("meta"):
         model = DiffusionTransformer3D(**params)
@@ -89,6 +83,3 @@ def load_dit_sharded(params: dict, checkpoint_path, mesh, device="cpu", dtype=to
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     assert not missing, f"parameters left unloaded: {missing[:3]}"
     return model.to(device=device).eval().requires_grad_(False)
-
-
-

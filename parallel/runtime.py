@@ -12,6 +12,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from k4flash.devices import resolve_device
+
 from . import comm
 
 log = logging.getLogger("k4flash")
@@ -50,7 +52,7 @@ class Runtime:
     def distributed(self) -> bool:
         return self.world_size > 1
 
-    def broadcast_from_main(self, tensor: torch.Tensor) -> torch.Tensor:
+    def broadcast_from_group_main(self, tensor: torch.Tensor) -> torch.Tensor:
         """The TP group's first rank's tensor, on every rank of the group."""
         if self.tp_size == 1:
             return tensor
@@ -75,19 +77,6 @@ def env_world() -> tuple:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     return rank, world, local_rank
-
-
-def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    """auto → cuda:LOCAL_RANK when CUDA is available, else cpu; a bare 'cuda' also means this rank's GPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise ValueError(f"device={name!r} is not a torch device (e.g. auto, cpu, cuda, cuda:1)") from err
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank)
-    return device
 
 
 def validate_world(world: int, tp) -> int:

@@ -117,7 +117,7 @@ class ModulationGather:
         self.layers, self.group, self.world = layers, group, world
 
     def __call__(self, module, inputs, time_embed):
-        hidden = F.silu(time_embed)  # SPEC: each modulation layer reads SiLU(time_embed)
+        hidden = F.silu(time_embed)  # each modulation layer reads SiLU(time_embed) (docs/model.md "DiT forward")
         local = torch.cat([F.linear(hidden, layer.weight, layer.bias) for layer in self.layers], dim=-1)
         full = comm.all_gather_last_dim(local, self.group).unflatten(-1, (self.world, -1))  # (B, world, Σ n_local)
         offset = 0
@@ -137,13 +137,20 @@ def _replacement(style, linear: nn.Linear, group, world):
     return nn.Linear(in_features, out_features // world, **kw)
 
 
+def mesh_coords(mesh) -> tuple:
+    """(process group, this rank's index in it, its size) of a 1-D DeviceMesh, or of such a tuple as given."""
+    if hasattr(mesh, "get_group"):
+        return mesh.get_group(), mesh.get_local_rank(), mesh.size()
+    return tuple(mesh)
+
+
 def parallelize_dit(model, mesh):
     """Shard `model` in place over a 1-D DeviceMesh (or a (group, rank, world) tuple); returns it.
 
     Works on a meta-device model (shapes only; load weights afterwards with
     parallel.load) or on a loaded one (each rank keeps its slice of the weights).
     """
-    group, rank, world = (mesh.get_group(), mesh.get_local_rank(), mesh.size()) if hasattr(mesh, "get_group") else mesh
+    group, rank, world = mesh_coords(mesh)
     num_blocks = len(model.transformer_blocks)
     params = {"model_dim": model.out_layer.norm.normalized_shape[0], "axes_dims": model.rope_embeddings.axes_dims,
               "ff_dim": model.transformer_blocks[0][0].feed_forward.in_layer.out_features}
@@ -158,7 +165,7 @@ def parallelize_dit(model, mesh):
             with torch.no_grad():
                 for kind in ("weight", "bias"):
                     full = getattr(linear, kind)
-                    piece = take_shard(_tensor_reader(full), style, kind, full.shape, rank, world)
+                    piece = take_shard(slice_reader(full), style, kind, full.shape, rank, world)
                     getattr(new, kind).copy_(piece)
         setattr(parent, name, new)
         if style == GATHERED:
@@ -168,14 +175,11 @@ def parallelize_dit(model, mesh):
     return model
 
 
-def _tensor_reader(tensor):
+def slice_reader(tensor):
+    """take_shard's `read` over an in-memory (or memory-mapped) tensor: views, so only the slice is touched."""
     def read(rows, cols):
-        view = tensor
-        if rows is not None:
-            view = view[rows[0]:rows[1]]
-        if cols is not None:
-            view = view[:, cols[0]:cols[1]]
-        return view
+        view = tensor if rows is None else tensor[rows[0]:rows[1]]
+        return view if cols is None else view[:, cols[0]:cols[1]]
     return read
 
 
@@ -193,8 +197,3 @@ def shard_plan_for(model) -> dict:
                 full = (local[0] * world,) + local[1:]
             out[f"{path}.{kind}"] = (style, full)
     return out
-
-
-def parameter_bytes(model) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
-

@@ -1,7 +1,7 @@
 """Exact row-parallel decode of the CogVideoX VAE: every rank of a TP group decodes a band of latent rows.
 
-The diffusers decoder mixes rows in only three ways, and each is made exact here (SPEC "VAE decode";
-checked against diffusers' autoencoder_kl_cogvideox.py and upsampling.py):
+The diffusers decoder mixes rows in only three ways, and each is made exact here (docs/parallel.md
+"Row-split VAE decode"; checked against diffusers' autoencoder_kl_cogvideox.py and upsampling.py):
 
 * 3×3 convolutions with zero padding (the causal 3D convs, the upsamplers' 2D convs). Their H padding
   is removed and, just before each conv, one row from each neighbouring band is concatenated above and
@@ -77,8 +77,7 @@ class RowShardedGroupNorm(nn.GroupNorm):
         count = torch.full_like(mean, grouped.shape[-1], dtype=torch.float64)
         mean = mean.double()
         stats = torch.stack([count, count * mean, count * (var.double() + mean * mean)])  # (3, B, G)
-        if self._plan.reduce_group_norm:
-            comm.all_reduce_sum(stats, band.group)
+        comm.all_reduce_sum(stats, band.group)
         count, total, total_squares = stats
         mean = total / count
         var = (total_squares / count - mean * mean).clamp_min(0)
@@ -95,8 +94,7 @@ class RowShardedGroupNorm(nn.GroupNorm):
 class RowParallelVAE:
     """The wrapping applied by `parallelize_vae`: halo hooks on the convs, RowShardedGroupNorm for the norms.
 
-    `band` is set only during `decode_latents_parallel`; outside it the wrapped VAE decodes alone as before.
-    `exchange_halos` / `reduce_group_norm` = False drop one ingredient (the tests' negative controls).
+    `band` is set only during `decode`; outside it the wrapped VAE decodes alone as before.
     """
 
     def __init__(self, vae, groups: dict, index: int, rank: int):
@@ -105,8 +103,6 @@ class RowParallelVAE:
         self.index = index  # this rank's position in its TP group
         self.rank = rank
         self.band: _Band | None = None
-        self.exchange_halos = True
-        self.reduce_group_norm = True
         self._warned_heights = set()
         self._hooks, self._paddings, self._norms = [], [], []
         for name, module in list(vae.decoder.named_modules()) + [("post_quant_conv", vae.post_quant_conv)]:
@@ -150,13 +146,12 @@ class RowParallelVAE:
             raise ValueError(f"a band of {x.shape[-2]} rows cannot supply {rows} halo rows; use fewer ranks")
         zeros = x.new_zeros(*x.shape[:-2], rows, x.shape[-1])
         above = below = zeros
-        if self.exchange_halos:
-            edges = torch.stack([x[..., :rows, :], x[..., -rows:, :]])  # (2, ..., rows, W): my top, my bottom
-            parts = comm.all_gather_list(edges, band.group)
-            if band.index > 0:
-                above = parts[band.index - 1][1]  # the bottom rows of the band above
-            if band.index < band.size - 1:
-                below = parts[band.index + 1][0]  # the top rows of the band below
+        edges = torch.stack([x[..., :rows, :], x[..., -rows:, :]])  # (2, ..., rows, W): my top, my bottom
+        parts = comm.all_gather_list(edges, band.group)
+        if band.index > 0:
+            above = parts[band.index - 1][1]  # the bottom rows of the band above
+        if band.index < band.size - 1:
+            below = parts[band.index + 1][0]  # the top rows of the band below
         return torch.cat([above, x, below], dim=-2)
 
     def remove(self):
@@ -171,8 +166,15 @@ class RowParallelVAE:
         if getattr(self.vae, "_k4flash_row_parallel", None) is self:
             del self.vae._k4flash_row_parallel
 
+    @torch.no_grad()
     def decode(self, latents: torch.Tensor, as_float: bool = False):
-        """See decode_latents_parallel."""
+        """decode_latents over the ranks of the TP group, each decoding a band of latent rows.
+
+        Every rank of the group passes the same latents (F, h, w, 16) or (B, F, h, w, 16). Returns on the
+        group's first rank the uint8 frames (B, T, 8h, 8w, 3) on CPU (or, `as_float`, the decoder's video
+        (B, 3, T, 8h, 8w) before clamping); None on the others. Uses k ranks, the largest divisor of h
+        that is at most the group size (a warning says so when k is smaller); the rest return None at once.
+        """
         vae = self.vae
         if vae.use_tiling:
             raise ValueError("row-parallel VAE decode is exact only without tiling; call vae.disable_tiling()")
@@ -237,15 +239,8 @@ def parallelize_vae(vae, runtime) -> RowParallelVAE:
     return RowParallelVAE(vae, groups, runtime.tp_rank, runtime.rank)
 
 
-@torch.no_grad()
 def decode_latents_parallel(vae, latents: torch.Tensor, as_float: bool = False):
-    """decode_latents over the ranks of the TP group, each decoding a band of latent rows.
-
-    Every rank of the group passes the same latents (F, h, w, 16) or (B, F, h, w, 16). Returns on the
-    group's first rank the uint8 frames (B, T, 8h, 8w, 3) on CPU (or, `as_float`, the decoder's video
-    (B, 3, T, 8h, 8w) before clamping); None on the others. Uses k ranks, the largest divisor of h
-    that is at most the group size (a warning says so when k is smaller); the rest return None at once.
-    """
+    """RowParallelVAE.decode of a VAE that parallelize_vae wrapped (see there)."""
     plan = getattr(vae, "_k4flash_row_parallel", None)
     if plan is None:
         raise ValueError("decode_latents_parallel needs a VAE wrapped by parallel.vae.parallelize_vae")

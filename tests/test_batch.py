@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from k4flash.batch import read_prompts_file, slugify
-from parallel.spawn import free_port
+from k4flash.app.batch import read_prompts_file, slugify
+from spawn import free_port
 from test_cli import ENTRY
 
 DEFAULTS = dict(seed=10, time_length=0, width=512, height=512)

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from k4flash import cost
-from k4flash.dit import PUBLISHED_DIT_PARAMS, DiffusionTransformer3D
+from k4flash.tools import cost
+from k4flash.dit import DiffusionTransformer3D
+from k4flash.published import PUBLISHED_DIT_PARAMS
 from k4flash.tiny import TINY_DIT_PARAMS, fill_deterministic_
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from k4flash.cli import strip_launcher_args
+from k4flash.app.cli import strip_launcher_args
 
 ENTRY = Path(__file__).resolve().parents[1] / "run_inference_distil.py"
 

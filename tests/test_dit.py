@@ -1,12 +1,13 @@
-"""The DiT against SPEC: key set, the literal reference forward, RoPE, patch order, batching."""
+"""The DiT against docs/model.md: key set, the literal reference forward, RoPE, patch order, batching."""
 import math
 
 import pytest
 import torch
 
-from k4flash.attention import apply_rope, rope_angle_table, rope_cos_sin
+from k4flash.dit_math import apply_rope, rope_angle_table, rope_cos_sin
 from k4flash.dit import DiffusionTransformer3D
-from k4flash.reference import reference_forward
+from k4flash.published import PUBLISHED_DIT_PARAMS
+from k4flash.tools.reference import reference_forward
 from k4flash.tiny import TINY_DIT_PARAMS, tiny_dit_state_dict
 
 
@@ -35,7 +36,7 @@ def _random_state(model, seed):
     return state
 
 
-def spec_keys(num_blocks):
+def published_keys(num_blocks):
     keys = [f"{m}.{p}" for m in ("time_embeddings.in_layer", "time_embeddings.out_layer", "text_embeddings.in_layer",
                                   "visual_embeddings.in_layer", "out_layer.norm", "out_layer.out_layer",
                                   "out_layer.modulation_out") for p in ("weight", "bias")]
@@ -50,9 +51,9 @@ def spec_keys(num_blocks):
 
 def test_state_dict_keys_and_shapes_are_the_published_ones():
     with torch.device("meta"):
-        model = DiffusionTransformer3D(num_blocks=2)  # published widths, 2 of the 21 pairs
+        model = DiffusionTransformer3D(**{**PUBLISHED_DIT_PARAMS, "num_blocks": 2})  # published widths, 2 of the 21 pairs
     state = model.state_dict()
-    assert set(state) == spec_keys(2)
+    assert set(state) == published_keys(2)
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     assert shapes["time_embeddings.in_layer.weight"] == (512, 3072)
     assert shapes["text_embeddings.in_layer.weight"] == (3072, 4096)

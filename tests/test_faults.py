@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from parallel.spawn import free_port
+from spawn import free_port
 from test_cli import ENTRY
 
 WORKER = Path(__file__).with_name("fault_worker.py")

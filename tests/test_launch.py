@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from parallel.spawn import free_port
+from spawn import free_port
 from test_cli import ENTRY
 
 ARGS = ["model=tiny", "time_length=0", "width=512", "height=512", "seed=5", "prompt=a red square", "progress=false",

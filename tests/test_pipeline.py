@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from k4flash import get_T2V_pipeline
 from k4flash.tiny import TINY_DIT_PARAMS
-from k4flash.video import read_mp4_frames
+from k4flash.outputs import read_mp4_frames
 
 PROMPT = "a red square slides over a blue floor"
 

@@ -1,4 +1,4 @@
-"""The 4-step renoise sampler against SPEC's pseudocode and the scheduler config."""
+"""The 4-step renoise sampler against the loop in docs/model.md "Sampler" and the scheduler config."""
 import json
 
 import pytest
@@ -23,7 +23,7 @@ def test_schedule_is_read_from_the_scheduler_folder(tmp_path):
 
 
 def spec_pseudocode(velocity_fn, shape, schedule, seed):
-    """SPEC's loop verbatim, with the official bf16 rounding of the draws."""
+    """The documented loop verbatim, with the official bf16 rounding of the draws."""
     g = torch.Generator("cpu").manual_seed(seed)
     z = torch.randn(shape, generator=g).to(torch.bfloat16).double()
     for t, a in zip(schedule.timesteps, schedule.alphas_cumprod):

@@ -32,7 +32,7 @@ def test_tokens_are_eos_terminated_and_right_padded(encoder):
 
 
 def test_padding_is_not_masked(encoder):
-    """SPEC: the encoder runs without an attention mask, so padding changes every position."""
+    """docs/model.md "Text conditioning": the encoder runs without an attention mask, so padding changes every position."""
     prompt = ["a cat on the moon"]
     embeds = encoder(prompt)
     ids = encoder.tokenize(prompt)

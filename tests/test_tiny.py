@@ -5,14 +5,9 @@ import torch
 
 import k4flash.tiny as tiny
 from k4flash.dit import DiffusionTransformer3D
-from k4flash.tiny import (
-    DIT_FILENAME,
-    SCHEDULER_CONFIG,
-    TINY_DIT_PARAMS,
-    default_cache_dir,
-    ensure_tiny_weights,
-    tiny_dit_state_dict,
-)
+from k4flash.published import DIT_FILENAME
+from k4flash.sampler import DEFAULT_SCHEDULER_CONFIG
+from k4flash.tiny import TINY_DIT_PARAMS, default_cache_dir, ensure_tiny_weights, tiny_dit_state_dict
 
 LAYOUT = [
     DIT_FILENAME,
@@ -35,7 +30,7 @@ def load_dit_file(folder):
 def test_layout_matches_the_published_weights(tiny_weights):
     for relative in LAYOUT:
         assert (tiny_weights / relative).is_file(), relative
-    assert json.loads((tiny_weights / "scheduler" / "scheduler_config.json").read_text()) == SCHEDULER_CONFIG
+    assert json.loads((tiny_weights / "scheduler" / "scheduler_config.json").read_text()) == DEFAULT_SCHEDULER_CONFIG
 
 
 def test_dit_file_is_a_plain_state_dict_that_loads_strictly(tiny_weights):

@@ -6,7 +6,7 @@ from k4flash.dit import DiffusionTransformer3D
 from k4flash.tiny import TINY_DIT_PARAMS, tiny_dit_state_dict
 from parallel import allowed_tp_degrees, parallelize_dit, validate_tp_degree
 
-from parallel.spawn import run_ranks
+from spawn import run_ranks
 
 
 def _inputs(seed=0):

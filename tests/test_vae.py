@@ -16,7 +16,7 @@ def random_latents(*shape, seed=0):
 
 
 def hand_decode(vae, latents, chunk):
-    """SPEC "VAE decode" as the official code writes it: (F, h, w, 16) → (1, T, 8h, 8w, 3) uint8, truncated.
+    """docs/model.md "VAE decode" as the official code writes it: (F, h, w, 16) → (1, T, 8h, 8w, 3) uint8, truncated.
 
     `1 / s * x` before the permute, exactly: x / s differs by an ulp in ~9% of elements, which
     moves frames by a level; the comparisons below are bitwise.

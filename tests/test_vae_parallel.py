@@ -4,13 +4,14 @@ Each world size is one spawn (importing diffusers costs ~10 s of CPU per rank on
 the module fixtures run every case there and the tests below check the pieces.
 """
 import logging
+import unittest.mock
 
 import pytest
 import torch
 
 from k4flash.tiny import TINY_DIT_PARAMS, TINY_VAE_CONFIG, fill_deterministic_
 from k4flash.vae import decode_scaled, scaled_latents, to_uint8_frames
-from parallel.spawn import run_ranks
+from spawn import run_ranks
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -62,6 +63,15 @@ class _Collect(logging.Handler):
         self.messages.append(record.getMessage())
 
 
+def _local_only_all_gather(tensor, group):
+    """all_gather_list without the exchange: every 'neighbour' sends zeros (no halo rows)."""
+    return [torch.zeros_like(tensor) for _ in range(torch.distributed.get_world_size(group))]
+
+
+# comm function → its stand-in that skips the exchange (the halo rows; the GroupNorm statistics)
+DROPPED_COLLECTIVES = {"all_gather_list": _local_only_all_gather, "all_reduce_sum": lambda tensor, group: tensor}
+
+
 def _decode_cases(runtime, cases, tiny_weights):
     """Every case on every rank; rank 0 returns its results, the others whether they got None."""
     from parallel import comm
@@ -80,11 +90,11 @@ def _decode_cases(runtime, cases, tiny_weights):
         frames = decode_latents_parallel(vae, latents)
         out[case] = dict(video=video, frames=frames, calls=calls)
 
-    # Negative controls: without one ingredient the split must visibly break.
-    for switch in ("exchange_halos", "reduce_group_norm"):
-        setattr(plans["tiny"], switch, False)
-        out[f"no-{switch}"] = decode_latents_parallel(vaes["tiny"], case_latents("tiny-video"), as_float=True)
-        setattr(plans["tiny"], switch, True)
+    # Negative controls, applied from outside: with one collective dropped (the call kept, its result
+    # local only) the split must visibly break.
+    for dropped in DROPPED_COLLECTIVES:
+        with unittest.mock.patch.object(comm, dropped, DROPPED_COLLECTIVES[dropped]):
+            out[f"no-{dropped}"] = decode_latents_parallel(vaes["tiny"], case_latents("tiny-video"), as_float=True)
 
     # Wrapped but outside a parallel decode, and after remove(): the plain one-rank decode.
     latents = case_latents("tiny-video")
@@ -108,14 +118,14 @@ def _decode_cases(runtime, cases, tiny_weights):
 def _pipeline_cases(runtime, tiny_weights):
     """The tiny pipeline at TP=2 with vae_parallel on, then off (the same latents: the DiT does not change)."""
     from parallel import comm
-    from parallel.build import get_parallel_T2V_pipeline
+    from parallel.rank_pipeline import load_rank_pipeline
 
     # An image: the video path is test_tp's (frames vs a one-rank pipeline); this one counts and compares.
     request = dict(text="a red square", time_length=0, width=512, height=512, seed=11, progress=False)
     result = {}
     for vae_parallel in (True, False):
-        pipe = get_parallel_T2V_pipeline("cpu", cache_dir=tiny_weights, dit_params=TINY_DIT_PARAMS, download=False,
-                                         runtime=runtime, vae_parallel=vae_parallel)
+        pipe = load_rank_pipeline("cpu", cache_dir=tiny_weights, dit_params=TINY_DIT_PARAMS, download=False,
+                                  runtime=runtime, vae_parallel=vae_parallel)
         comm.STATS.reset()
         gen = pipe.generate(**request)
         result[vae_parallel] = dict(latents=gen.latents, frames=gen.frames, calls=dict(comm.STATS.calls),
@@ -186,8 +196,8 @@ def test_fallback_to_the_largest_divisor_of_the_latent_height(four_ranks):
 def test_dropping_halos_or_the_group_norm_all_reduce_breaks_it(world_results, references):
     world, results = world_results
     expected = references["tiny-video"][0]
-    for switch in ("exchange_halos", "reduce_group_norm"):
-        assert (results[0][f"no-{switch}"] - expected).abs().max() > 0.05, switch
+    for dropped in DROPPED_COLLECTIVES:
+        assert (results[0][f"no-{dropped}"] - expected).abs().max() > 0.05, dropped
 
 
 def _decoder_collectives(vae):
@@ -234,15 +244,14 @@ def test_vae_parallel_config_key_reaches_the_parallel_build(monkeypatch):
 
     from omegaconf import OmegaConf
 
-    import parallel.build
-    from k4flash import cli
-    from k4flash.config import ModelConfig, RunConfig, VAEConfig
+    import parallel.rank_pipeline
+    from k4flash.app import cli
+    from k4flash.app.config import ModelConfig, RunConfig, VAEConfig
     from parallel.runtime import Runtime
 
-    conf = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "config.yaml")
-    assert conf.vae.parallel is True and RunConfig().vae.parallel is True  # on by default
+    assert RunConfig().vae.parallel is True  # on by default (the schema is the one source of defaults)
     seen = {}
-    monkeypatch.setattr(parallel.build, "get_parallel_T2V_pipeline", lambda device, **kwargs: seen.update(kwargs))
+    monkeypatch.setattr(parallel.rank_pipeline, "load_rank_pipeline", lambda device, **kwargs: seen.update(kwargs))
     for value in (True, False):
         cfg = OmegaConf.structured(RunConfig(model=ModelConfig(name="tiny"), vae=VAEConfig(parallel=value)))
         cli.build_pipeline(cfg, Runtime(world_size=2), torch.float32, Path("weights"))

@@ -5,8 +5,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import k4flash.video as video
-from k4flash.video import (
+import k4flash.outputs as outputs
+from k4flash.outputs import (
     frames_to_pil,
     read_mp4_frames,
     read_mp4_metadata,
@@ -81,7 +81,7 @@ def test_overwrite_false_raises_and_keeps_old_file(tmp_path):
 
 
 def test_failing_writer_leaves_nothing(tmp_path, monkeypatch):
-    real_write_frames = video.imageio_ffmpeg.write_frames
+    real_write_frames = outputs.imageio_ffmpeg.write_frames
 
     def failing_write_frames(*args, **kwargs):
         writer = real_write_frames(*args, **kwargs)  # the real ffmpeg, writing the real temp file
@@ -97,7 +97,7 @@ def test_failing_writer_leaves_nothing(tmp_path, monkeypatch):
 
         return generator()
 
-    monkeypatch.setattr(video.imageio_ffmpeg, "write_frames", failing_write_frames)
+    monkeypatch.setattr(outputs.imageio_ffmpeg, "write_frames", failing_write_frames)
     target = tmp_path / "clip.mp4"
     with pytest.raises(OSError, match="simulated"):
         write_mp4(target, smooth_frames())

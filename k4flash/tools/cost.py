@@ -32,10 +32,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from k4flash.geometry import latent_shape
+from k4flash.published import (DEFAULT_HEIGHT, DEFAULT_TIME_LENGTH, DEFAULT_WIDTH, NUM_STEPS, PUBLISHED_DIT_PARAMS,
+                               TEXT_TOKENS)
+
 # The published geometry: 12 s at 672×384 → latents (25, 48, 84, 16) → 25 × 24 × 42 patches.
-PUBLISHED_LATENT = (25, 48, 84)
-PUBLISHED_TEXT_TOKENS = 224
-NUM_STEPS = 4
+PUBLISHED_LATENT = latent_shape(DEFAULT_TIME_LENGTH, DEFAULT_HEIGHT, DEFAULT_WIDTH)[:3]
 SEED_CLAIM_S = 11.0  # model card: a 12 s 480p video in 11 s on one H100
 # T5-v1.1-XXL encoder (the published text encoder's config.json).
 T5_XXL = dict(d_model=4096, d_ff=10240, num_layers=24, num_heads=64, d_kv=64, vocab_size=32128)
@@ -59,7 +61,7 @@ def dit_tokens(params: dict, latent_fhw=PUBLISHED_LATENT) -> int:
     return math.prod(size // p for size, p in zip(latent_fhw, params["patch_size"]))
 
 
-def dit_flops(params: dict, latent_fhw=PUBLISHED_LATENT, text_tokens=PUBLISHED_TEXT_TOKENS, batch=1) -> dict:
+def dit_flops(params: dict, latent_fhw=PUBLISHED_LATENT, text_tokens=TEXT_TOKENS, batch=1) -> dict:
     """FLOPs of one DiT forward, split as in the module docstring: {linear, attention, total, ...parts}."""
     D, F, T = params["model_dim"], params["ff_dim"], params["time_dim"]
     P = math.prod(params["patch_size"])
@@ -82,7 +84,7 @@ def dit_flops(params: dict, latent_fhw=PUBLISHED_LATENT, text_tokens=PUBLISHED_T
     return out
 
 
-def dit_tp_comm(params: dict, tp: int, latent_fhw=PUBLISHED_LATENT, text_tokens=PUBLISHED_TEXT_TOKENS,
+def dit_tp_comm(params: dict, tp: int, latent_fhw=PUBLISHED_LATENT, text_tokens=TEXT_TOKENS,
                 bytes_per_element=2, batch=1) -> dict:
     """Collectives and bytes of one DiT forward per rank at TP degree `tp` (none at tp = 1).
 
@@ -102,7 +104,7 @@ def dit_tp_comm(params: dict, tp: int, latent_fhw=PUBLISHED_LATENT, text_tokens=
                 ring_bytes_sent=2 * (tp - 1) / tp * all_reduce_bytes + (tp - 1) / tp * gathered_bytes)
 
 
-def t5_encoder_flops(tokens=PUBLISHED_TEXT_TOKENS, d_model=4096, d_ff=10240, num_layers=24, num_heads=64, d_kv=64,
+def t5_encoder_flops(tokens=TEXT_TOKENS, d_model=4096, d_ff=10240, num_layers=24, num_heads=64, d_kv=64,
                      **_) -> dict:
     """T5 v1.1 encoder (gated-GELU MLP: two input projections), one prompt of `tokens` tokens."""
     inner = num_heads * d_kv
@@ -201,7 +203,7 @@ def vae_decode_counts(latent_fhw=PUBLISHED_LATENT, vae=None, frames_per_chunk=2)
 
 
 def predict(params=None, gpu=H100_SXM, tp=1, mfu=1.0, steps=NUM_STEPS, latent_fhw=PUBLISHED_LATENT,
-            text_tokens=PUBLISHED_TEXT_TOKENS, vae=None, vae_ranks=1) -> dict:
+            text_tokens=TEXT_TOKENS, vae=None, vae_ranks=1) -> dict:
     """Predicted seconds per stage for one video on `tp` GPUs at model-FLOP utilisation `mfu`.
 
     DiT step = FLOPs / (tp · peak · mfu) + ring all-reduce bytes / link + calls · latency,
@@ -211,8 +213,6 @@ def predict(params=None, gpu=H100_SXM, tp=1, mfu=1.0, steps=NUM_STEPS, latent_fh
     decode (vae.parallel) plus one latency per halo exchange / GroupNorm all-reduce and the
     uint8 frame gather. `vae`: vae_decode_counts().
     """
-    from .dit import PUBLISHED_DIT_PARAMS
-
     params = params or PUBLISHED_DIT_PARAMS
     flops = dit_flops(params, latent_fhw, text_tokens)
     comm = dit_tp_comm(params, tp, latent_fhw, text_tokens)

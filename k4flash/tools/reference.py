@@ -1,4 +1,5 @@
-"""A literal, slow transcription of SPEC's DiT forward, for tests and as a benchmark baseline.
+"""A literal, slow transcription of the DiT forward (docs/model.md "DiT forward"), for tests and as a
+benchmark baseline.
 
 It shares no code with `dit.py` / `attention.py` on purpose: the visual and text
 streams take separate passes through every layer, RoPE tables are rebuilt per call,

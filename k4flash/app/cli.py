@@ -11,19 +11,18 @@ import threading
 import time
 from pathlib import Path
 
-import torch
 from omegaconf import OmegaConf
 
+from k4flash.devices import resolve_device, resolve_dtype
+from k4flash.geometry import validate_request, validate_seed
+from k4flash.sampler import NonFiniteLatentsError
+from k4flash.weights import CheckpointError
 from parallel.health import RankHealth, is_collective_failure
-from parallel.runtime import env_world, init_runtime, resolve_device, shutdown_runtime, validate_world
+from parallel.runtime import env_world, init_runtime, shutdown_runtime, validate_world
 
 from .batch import Job, read_prompts_file
-from .geometry import validate_request
-from .sampler import NonFiniteLatentsError
-from .weights import CheckpointError
 
 log = logging.getLogger("k4flash")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class UsageError(ValueError):
@@ -61,14 +60,6 @@ def strip_launcher_args(argv: list) -> None:
             i += 1
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.float32 if device.type == "cpu" else torch.bfloat16
-    if name not in DTYPES:
-        raise UsageError(f"dtype={name!r} is not supported; allowed: auto, {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
 def check_writable(directory: Path, what: str) -> None:
     directory = directory.resolve()
     existing = next(p for p in [directory, *directory.parents] if p.exists())
@@ -79,8 +70,7 @@ def check_writable(directory: Path, what: str) -> None:
 def plan_jobs(cfg) -> list:
     """Every video this run should produce, validated; raises UsageError/ValueError before anything loads."""
     defaults = dict(seed=cfg.seed, time_length=cfg.time_length, width=cfg.width, height=cfg.height)
-    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0:
-        raise UsageError(f"seed={cfg.seed!r} must be a non-negative integer")
+    validate_seed(cfg.seed)
     if cfg.prompts_file:
         jobs = read_prompts_file(cfg.prompts_file, defaults, cfg.output_dir)
         check_writable(Path(cfg.output_dir), "output_dir")
@@ -95,7 +85,7 @@ def plan_jobs(cfg) -> list:
 
 def weights_dir_for(cfg) -> Path:
     if cfg.model.builtin:
-        from .tiny import ensure_tiny_weights
+        from k4flash.tiny import ensure_tiny_weights
         if env_world()[0] == 0:
             log.warning("model=%s is an UNTRAINED stand-in built locally: the video is noise, not the prompt. "
                         "It exercises the real code path; use model=kandinsky4_flash with weights for real videos.",
@@ -111,20 +101,22 @@ def check_weights(cfg) -> Path:
     """
     weights_dir = weights_dir_for(cfg)
     if cfg.model.builtin or not cfg.download or os.environ.get("HF_HUB_OFFLINE"):
-        from .weights import resolve_weight_paths
+        from k4flash.weights import resolve_weight_paths
         resolve_weight_paths(weights_dir, download=False)
     return weights_dir
 
 
 def build_pipeline(cfg, runtime, dtype, weights_dir):
-    from .pipeline import get_T2V_pipeline  # heavy imports (diffusers, transformers) only past validation
+    """This process's pipeline: the library's own in one process, a rank's (parallel/) under a launcher."""
+    # Heavy imports (diffusers, transformers) only past validation.
+    from k4flash.pipeline import load_pipeline
+    from parallel.rank_pipeline import load_rank_pipeline
 
     kwargs = dict(cache_dir=weights_dir, dtype=dtype, download=cfg.download,
                   dit_params=OmegaConf.to_container(cfg.model.dit_params), compile=cfg.compile)
     if runtime.distributed:
-        from parallel.build import get_parallel_T2V_pipeline
-        return get_parallel_T2V_pipeline(runtime.device, runtime=runtime, vae_parallel=cfg.vae.parallel, **kwargs)
-    return get_T2V_pipeline(runtime.device, **kwargs)
+        return load_rank_pipeline(runtime.device, runtime=runtime, vae_parallel=cfg.vae.parallel, **kwargs)
+    return load_pipeline(runtime.device, **kwargs)
 
 
 class DistributedFailure(RuntimeError):
@@ -210,7 +202,7 @@ def _generate(cfg, runtime, dtype, weights_dir, todo, batch, health) -> int:
         try:
             generation = pipe.generate(job.prompt, job.time_length, job.width, job.height, job.seed,
                                        progress=cfg.progress)
-            if pipe.is_main:
+            if pipe.is_group_main:
                 generation.timings["load_s"] = load_s
                 written = pipe.write_outputs(generation, job.save_path, save_latents=cfg.save_latents,
                                              overwrite=overwrite, extra_metadata={**metadata, "index": job.index})
@@ -220,7 +212,7 @@ def _generate(cfg, runtime, dtype, weights_dir, todo, batch, health) -> int:
                 raise  # a rank is gone: not a per-prompt failure
             failed += 1
             log.error("prompt %d (%.60r) failed: %s: %s", job.index, job.prompt, type(err).__name__, err)
-    return runtime.sum_over_ranks(failed if pipe.is_main else 0)
+    return runtime.sum_over_ranks(failed if pipe.is_group_main else 0)
 
 
 INPUT_ERRORS = (UsageError, ValueError, FileNotFoundError, FileExistsError, CheckpointError)

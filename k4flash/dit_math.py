@@ -1,7 +1,7 @@
-"""The DiT's small math kernels: sinusoid frequencies, 3D RoPE and joint attention.
+"""The DiT's math in one small module: sinusoid frequencies, 3D RoPE and joint attention.
 
 Kept in one place so the model, the tensor-parallel plan and the tests share one
-definition of each formula (SPEC: "DiT forward", steps 1 and 4).
+definition of each formula (docs/model.md "DiT forward", steps 1, 4 and 5).
 """
 import math
 

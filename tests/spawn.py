@@ -1,6 +1,7 @@
-"""Run a function on N local CPU ranks (gloo) in fresh processes and collect what each returns.
+"""Test helper: run a function on N local CPU ranks (gloo) in fresh processes and collect what each returns.
 
-For tests and benchmarks: each rank gets one intra-op thread, like a rank per core.
+The tests import it as `spawn`, the benchmarks as `tests.spawn`. Each rank gets one intra-op
+thread, like a rank per core.
 """
 import os
 import pickle

@@ -10,7 +10,7 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
-from .geometry import validate_request
+from k4flash.geometry import validate_request, validate_seed
 
 JSONL_FIELDS = {"prompt", "seed", "time_length", "width", "height"}
 SLUG_CHARS = 48
@@ -68,8 +68,7 @@ def read_prompts_file(path, defaults: dict, output_dir) -> list:
         request = {**defaults, "seed": defaults["seed"] + index, **fields}
         try:
             validate_request(request["prompt"], request["time_length"], request["height"], request["width"])
-            if isinstance(request["seed"], bool) or not isinstance(request["seed"], int) or request["seed"] < 0:
-                raise ValueError(f"seed={request['seed']!r} must be a non-negative integer")
+            validate_seed(request["seed"])
         except ValueError as err:
             raise ValueError(f"prompts_file {path} line {index + 1}: {err}") from None
         save_path = output_dir / f"{index:05d}-{slugify(request['prompt'])}.mp4"

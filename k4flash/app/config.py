@@ -8,29 +8,31 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import II, MISSING
+
+from k4flash.published import DEFAULT_HEIGHT, DEFAULT_TIME_LENGTH, DEFAULT_WIDTH, PUBLISHED_DIT_PARAMS as _P
 
 
 @dataclass
 class DiTParams:
-    """The DiT's constructor arguments (SPEC "DiT hyper-parameters")."""
-    in_visual_dim: int = 16  # VAE latent channels
-    in_text_dim: int = 4096  # text encoder width (T5-XXL: 4096)
-    out_visual_dim: int = 16
-    time_dim: int = 512
-    patch_size: List[int] = field(default_factory=lambda: [1, 2, 2])  # (frames, height, width)
-    model_dim: int = 3072
-    ff_dim: int = 12288
-    num_blocks: int = 21  # pairs of transformer blocks
-    axes_dims: List[int] = field(default_factory=lambda: [16, 24, 24])  # RoPE dims per axis; sum = head_dim
+    """The DiT's constructor arguments (docs/model.md "DiT hyper-parameters"); defaults: the published DiT."""
+    in_visual_dim: int = _P["in_visual_dim"]  # VAE latent channels
+    in_text_dim: int = _P["in_text_dim"]  # text encoder width (T5-XXL: 4096)
+    out_visual_dim: int = _P["out_visual_dim"]
+    time_dim: int = _P["time_dim"]
+    patch_size: List[int] = field(default_factory=lambda: list(_P["patch_size"]))  # (frames, height, width)
+    model_dim: int = _P["model_dim"]
+    ff_dim: int = _P["ff_dim"]
+    num_blocks: int = _P["num_blocks"]  # pairs of transformer blocks
+    axes_dims: List[int] = field(default_factory=lambda: list(_P["axes_dims"]))  # RoPE dims per axis; sum = head_dim
 
 
 @dataclass
 class DemoDefaults:
-    """What a run generates when time_length / width / height are not given."""
-    time_length: int = 12
-    width: int = 672
-    height: int = 384
+    """What a run generates when time_length / width / height are not given (the published: 12 s, 672×384)."""
+    time_length: int = DEFAULT_TIME_LENGTH
+    width: int = DEFAULT_WIDTH
+    height: int = DEFAULT_HEIGHT
 
 
 @dataclass
@@ -66,9 +68,9 @@ class RunConfig:
     vae: VAEConfig = field(default_factory=VAEConfig)
     prompt: str = ""  # the text prompt (single-video mode)
     seed: int = 42  # one CPU generator: the same seed gives the same video on any device and rank count
-    time_length: int = 12  # seconds; 0 = one image (<save_path stem>.png)
-    width: int = 672  # (height, width) must be an allowed pair (README)
-    height: int = 384
+    time_length: int = II("model.demo.time_length")  # seconds; 0 = one image (<save_path stem>.png)
+    width: int = II("model.demo.width")  # (height, width) must be an allowed pair (README)
+    height: int = II("model.demo.height")
     save_path: str = "./test.mp4"  # single-video mode: H.264 MP4, 8 fps, JSON sidecar beside it
     # Batch mode: one prompt per line, or JSONL with per-line prompt/seed/time_length/width/height.
     # Writes <output_dir>/<line index, 5 digits>-<slug>.mp4 (+ .json); a re-run skips finished ones.
@@ -76,7 +78,7 @@ class RunConfig:
     output_dir: str = "./videos"
     save_latents: bool = False  # also write <stem>.latents.safetensors (key "latents")
     overwrite: bool = False  # replace existing outputs (single mode) / redo finished prompts (batch mode)
-    weights_dir: str = "./weights/"  # SPEC layout: kandinsky4_distil_512.pt, vae/, text_encoder/, tokenizer/, scheduler/
+    weights_dir: str = "./weights/"  # kandinsky4_distil_512.pt, vae/, text_encoder/, tokenizer/, scheduler/ (docs/model.md)
     download: bool = True  # fetch missing weights from the Hugging Face Hub when online
     device: str = "auto"  # auto = cuda:LOCAL_RANK when CUDA is available, else cpu
     dtype: str = "auto"  # auto = bfloat16 on GPU (as the official code), float32 on CPU

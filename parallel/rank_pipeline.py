@@ -1,0 +1,83 @@
+"""One rank's pipeline: the role of a rank in a (dp × tp) run, and the loader that builds with it.
+
+`TensorParallelRole` answers, for this rank, everything the single-process pipeline asks
+(k4flash/pipeline.py `Role`): its DiT shard everywhere; T5 and the writing on its TP
+group's first rank; the text embedding broadcast from that rank; the VAE on every rank of
+the group with the row-parallel decode (parallel/vae.py), or with `vae_parallel=False` on
+the first rank alone. The VAE wrapping and the decode it enables come from `decoder`, so
+they cannot be taken apart.
+"""
+import functools
+
+import torch
+
+from k4flash.devices import normalize_device_map
+from k4flash.pipeline import Role, load_pipeline
+from k4flash.vae import decode_latents
+from k4flash.weights import load_dit
+
+from .load import load_dit_sharded
+from .runtime import Runtime, init_runtime
+from .vae import parallelize_vae
+
+
+class TensorParallelRole(Role):
+    """What one rank of a (dp × tp) mesh loads, encodes, decodes and writes (docs/parallel.md "Mesh and roles")."""
+
+    def __init__(self, runtime: Runtime, vae_parallel: bool = True):
+        self.runtime = runtime
+        self.sharded = runtime.tp_size > 1
+        # With one rank per TP group there is nothing to split the decode over.
+        self.decodes_in_parallel = self.sharded and vae_parallel
+
+    @property
+    def is_main(self) -> bool:
+        return self.runtime.is_main
+
+    @property
+    def is_group_main(self) -> bool:
+        return self.runtime.is_group_main
+
+    def place(self, device_map: dict) -> dict:
+        """The DiT on this rank's device (cuda:LOCAL_RANK on GPU), whatever device_map says. Off the group
+        main, and with several TP groups per node (whose first ranks each need their own GPU), T5 and the
+        VAE go there too; a single group's first rank keeps the device_map's choice for them."""
+        if not self.is_group_main or self.runtime.dp_size > 1:
+            return {key: self.runtime.device for key in device_map}
+        return {**device_map, "dit": self.runtime.device}
+
+    def fetch_weights(self, resolve, download: bool):
+        # Fetch anything missing once, on rank 0, before the others look for it.
+        if self.runtime.is_main and download:
+            resolve(True)
+        self.runtime.barrier()
+        return resolve(False)
+
+    def load_dit(self, params, checkpoint_path, device, dtype):
+        if self.sharded:
+            return load_dit_sharded(params, checkpoint_path, self.runtime.tp_mesh, device=device, dtype=dtype)
+        return load_dit(params, checkpoint_path, device=device, dtype=dtype)
+
+    @property
+    def loads_vae(self) -> bool:
+        return self.decodes_in_parallel or self.is_group_main
+
+    def share(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.runtime.broadcast_from_group_main(tensor)
+
+    def decoder(self, vae):
+        if self.decodes_in_parallel:
+            return parallelize_vae(vae, self.runtime).decode  # collective: every rank of the job gets here
+        return functools.partial(decode_latents, vae) if self.is_group_main else None
+
+
+def load_rank_pipeline(*args, runtime: Runtime = None, tp: int = None, vae_parallel: bool = True, **kwargs):
+    """k4flash.pipeline.load_pipeline(*args, **kwargs) for this rank of a multi-rank run.
+
+    Joins the process group the launcher set up unless a `runtime` is given (`tp`: ranks
+    per TP group, default all). On GPU each rank's DiT is on cuda:LOCAL_RANK.
+    """
+    if runtime is None:
+        device = normalize_device_map(args[0] if args else kwargs["device_map"])["dit"]
+        runtime = init_runtime("cuda" if device.type == "cuda" else "cpu", tp=tp)
+    return load_pipeline(*args, role=TensorParallelRole(runtime, vae_parallel=vae_parallel), **kwargs)
