@@ -19,28 +19,8 @@ if [[ ! -f "$entry" ]]; then
   exit 2
 fi
 
-count_gpus() {
-  # CUDA_VISIBLE_DEVICES restricts what the ranks can see; otherwise ask the driver.
-  if [[ -n "${CUDA_VISIBLE_DEVICES+x}" ]]; then
-    local ids
-    IFS=',' read -r -a ids <<< "$CUDA_VISIBLE_DEVICES"
-    local n=0 id
-    for id in "${ids[@]}"; do [[ -n "${id// /}" && "$id" != "-1" && "$id" != "NoDevFiles" ]] && n=$((n + 1)); done
-    echo "$n"
-  elif command -v nvidia-smi >/dev/null 2>&1; then
-    { nvidia-smi -L 2>/dev/null || true; } | grep -c '^GPU ' || true
-  else
-    echo 0
-  fi
-}
-
-if [[ -z "${NPROC_PER_NODE:-}" ]]; then
-  NPROC_PER_NODE="$(count_gpus)"
-  [[ "$NPROC_PER_NODE" =~ ^[1-9][0-9]*$ ]] || NPROC_PER_NODE=1
-fi
-if [[ ! "$NPROC_PER_NODE" =~ ^[1-9][0-9]*$ ]]; then
-  echo "launch/torchrun.sh: NPROC_PER_NODE must be a positive integer, got '$NPROC_PER_NODE'" >&2
-  exit 2
-fi
+# shellcheck source=launch/nproc.sh
+source "$root/launch/nproc.sh"
+set_nproc_per_node launch/torchrun.sh --ask-driver
 
 exec torchrun --standalone --nnodes 1 --nproc-per-node "$NPROC_PER_NODE" "$entry" "$@"
