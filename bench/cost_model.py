@@ -17,7 +17,7 @@ if __package__ in (None, ""):  # `python bench/cost_model.py` from a checkout
 
 from bench.report import Report, add_output_args  # noqa: E402
 from k4flash.tools import cost  # noqa: E402
-from k4flash.dit import DiffusionTransformer3D
+from k4flash.dit import DiffusionTransformer3D  # noqa: E402
 from k4flash.published import PUBLISHED_DIT_PARAMS  # noqa: E402
 
 

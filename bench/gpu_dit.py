@@ -27,16 +27,16 @@ if __package__ in (None, ""):  # `python bench/gpu_dit.py` from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import Report, add_output_args  # noqa: E402
-from k4flash.tools import cost  # noqa: E402
-from k4flash.dit import DiffusionTransformer3D
+from k4flash.devices import DTYPES, resolve_dtype  # noqa: E402
+from k4flash.dit import DiffusionTransformer3D  # noqa: E402
 from k4flash.published import PUBLISHED_DIT_PARAMS  # noqa: E402
 from k4flash.tiny import TINY_DIT_PARAMS  # noqa: E402
+from k4flash.tools import cost  # noqa: E402
 
 CONFIGS = {
     "published": dict(params=PUBLISHED_DIT_PARAMS, latent=cost.PUBLISHED_LATENT, text_tokens=cost.TEXT_TOKENS),
     "tiny": dict(params=TINY_DIT_PARAMS, latent=(3, 8, 12), text_tokens=20),
 }
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TIMESTEP = 749.0
 
 
@@ -102,7 +102,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", choices=sorted(CONFIGS), default="published")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on GPU, fp32 on CPU")
+    parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                        help="the CLI's dtype names; auto: bfloat16 on GPU, float32 on CPU")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="also time the torch.compile'd blocks")
@@ -119,7 +120,7 @@ def main(argv=None):
         sys.exit(2)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    dtype = DTYPES[args.dtype or ("fp32" if device.type == "cpu" else "bf16")]
+    dtype = resolve_dtype(args.dtype, device)
     config = CONFIGS[args.config]
     params, latent, text_tokens = config["params"], config["latent"], config["text_tokens"]
     flops = cost.dit_flops(params, latent, text_tokens)

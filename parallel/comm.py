@@ -1,4 +1,5 @@
-"""The collectives the tensor-parallel DiT and the row-parallel VAE decode use, counted.
+"""The collectives the tensor-parallel DiT and the row-parallel VAE decode use, counted
+(docs/parallel.md "Collectives and their bytes").
 
 Every collective of a TP forward or a parallel decode goes through here, so tests and benchmarks can read
 how many ran and how many bytes each rank sent (`CommStats`), and the plan's

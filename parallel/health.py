@@ -1,4 +1,5 @@
-"""Which rank failed: heartbeats and error reports through the launcher's key-value store.
+"""Which rank failed: heartbeats and error reports through the launcher's key-value store
+(docs/parallel.md "Fault model").
 
 When one rank dies, hangs or raises, the others only see a broken or timed-out
 collective, which does not say who is at fault. So every rank of a multi-rank run

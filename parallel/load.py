@@ -1,4 +1,4 @@
-"""Sharded DiT loading: each rank materialises only its shard.
+"""Sharded DiT loading: each rank materialises only its shard (docs/parallel.md "Sharded loading").
 
 build on meta → check the file's keys and shapes against the full model → apply the
 TP plan on meta → read each parameter's slice (safetensors `get_slice`, or a

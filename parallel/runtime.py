@@ -1,4 +1,5 @@
-"""The distributed runtime: process group, device per local rank, the tensor-parallel mesh.
+"""The distributed runtime: process group, device per local rank, the (dp, tp) mesh
+(docs/parallel.md "Mesh and roles").
 
 Launchers set the environment: torchrun and `python -m torch.distributed.launch` both
 export RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT; a plain `python` run has

@@ -1,4 +1,4 @@
-"""Tensor-parallel plan for the DiT, applied from outside the model.
+"""Tensor-parallel plan for the DiT, applied from outside the model (docs/parallel.md "Tensor-parallel plan").
 
 Per transformer block:
 - `to_query_key_value` is column-parallel with each of q, k, v split by heads, so a

@@ -127,3 +127,27 @@ def test_the_library_runs_without_parallel_and_the_facade_without_torch():
             "assert not bad, bad; print(len(sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_code_cites_only_documents_in_the_repo():
+    """Every `docs/<name>.md "<Section>"` in code, config and launchers names a real file and heading,
+    and nothing cites the spec the docs were written from (it is not in the repo)."""
+    import re
+
+    files = [p for pattern in ("*.py", "*.yaml", "*.sh", "*.sbatch") for p in ROOT.rglob(pattern)
+             if ".git" not in p.parts and p.name != "test_layers.py"]
+    headings = {doc.name: {line.lstrip("#").strip() for line in doc.read_text().splitlines() if line.startswith("#")}
+                for doc in (ROOT / "docs").glob("*.md")}
+    cited, problems = 0, []
+    for path in files:
+        text = path.read_text()
+        if re.search(r"\bSPEC\b", text):
+            problems.append(f"{path.relative_to(ROOT)} cites SPEC")
+        for name, section in re.findall(r'docs/([\w-]+\.md)(?:\s+"([^"]+)")?', text):
+            cited += 1
+            if name not in headings:
+                problems.append(f"{path.relative_to(ROOT)} cites docs/{name}, which does not exist")
+            elif section and section not in headings[name]:
+                problems.append(f"{path.relative_to(ROOT)} cites docs/{name} \"{section}\", no such heading")
+    assert not problems, "\n".join(problems)
+    assert cited > 20  # the check saw the citations

@@ -1,4 +1,8 @@
-"""Tensor-parallel DiT on CPU/gloo: parity with one rank, the collective budget, sharded loading."""
+"""Tensor-parallel DiT on CPU/gloo: parity with one rank, the collective budget, sharded loading.
+
+One spawned world per size (`worlds`): each rank runs every case of that size in one process, since
+starting ranks (importing torch, transformers and diffusers) costs more than the cases themselves.
+"""
 import pytest
 import torch
 
@@ -31,13 +35,13 @@ def _sharded_forward(runtime, state):
 
 
 @pytest.mark.parametrize("world", [2, 4, 8])
-def test_sharded_forward_equals_one_rank_within_budget(world):
+def test_sharded_forward_equals_one_rank_within_budget(world, worlds):
     state = tiny_dit_state_dict(0)
     model = DiffusionTransformer3D(**TINY_DIT_PARAMS).eval()
     model.load_state_dict(state)
     with torch.no_grad():
         expected = model(*_inputs())
-    results = run_ranks(world, _sharded_forward, state)
+    results = [rank["forward"] for rank in worlds(world)]
     num_blocks = 2 * TINY_DIT_PARAMS["num_blocks"]
     full_params = sum(p.numel() for p in model.parameters())
     for out, calls, local_params in results:
@@ -75,9 +79,9 @@ def one_rank_pipe(tiny_weights):
 
 
 @pytest.mark.parametrize("world", sorted(REQUESTS))
-def test_tp_pipeline_gives_the_one_rank_video(world, tiny_weights, one_rank_pipe):
+def test_tp_pipeline_gives_the_one_rank_video(world, worlds, one_rank_pipe):
     expected = one_rank_pipe.generate(**REQUESTS[world], progress=False)
-    results = run_ranks(world, _pipeline_run, tiny_weights, REQUESTS[world])
+    results = [rank["pipeline"] for rank in worlds(world)]
     for rank, (latents, frames, loaded) in enumerate(results):
         torch.testing.assert_close(latents, expected.latents, atol=1e-5, rtol=1e-5)
         # T5 lives on rank 0 only; the VAE on every rank, which decodes a band of rows (vae.parallel, default on)
@@ -100,18 +104,49 @@ def _shard_from_full(runtime, state):
     return model.state_dict()
 
 
-@pytest.mark.parametrize("fmt", ["pt", "safetensors"])
-def test_sharded_loading_reads_only_this_ranks_slice(tmp_path, fmt):
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """The tiny DiT as the published .pt, and as a .pt whose .safetensors sibling is the one read."""
     from parallel.convert import convert
     state = tiny_dit_state_dict(0)
-    checkpoint = tmp_path / "kandinsky4_distil_512.pt"
-    torch.save(state, checkpoint)
-    if fmt == "safetensors":
-        converted = convert(checkpoint)
-        assert converted == tmp_path / "kandinsky4_distil_512.safetensors"
-        checkpoint.write_bytes(b"not read: the safetensors sibling is preferred")
-    loaded = run_ranks(2, _load_shard, checkpoint)
-    expected = run_ranks(2, _shard_from_full, state)
+    folders = {fmt: tmp_path_factory.mktemp(fmt) for fmt in ("pt", "safetensors")}
+    for folder in folders.values():
+        torch.save(state, folder / "kandinsky4_distil_512.pt")
+    converted = convert(folders["safetensors"] / "kandinsky4_distil_512.pt")
+    assert converted == folders["safetensors"] / "kandinsky4_distil_512.safetensors"
+    (folders["safetensors"] / "kandinsky4_distil_512.pt").write_bytes(b"not read: the safetensors sibling is preferred")
+    return {fmt: folder / "kandinsky4_distil_512.pt" for fmt, folder in folders.items()}
+
+
+def _world_cases(runtime, tiny_weights, checkpoints):
+    """Every case of this world size, on this rank."""
+    world = runtime.world_size
+    out = {"forward": _sharded_forward(runtime, tiny_dit_state_dict(0))}
+    if world in REQUESTS:
+        out["pipeline"] = _pipeline_run(runtime, tiny_weights, REQUESTS[world])
+    if world == 2:
+        out["loaded"] = {fmt: _load_shard(runtime, path) for fmt, path in checkpoints.items()}
+        out["from_full"] = _shard_from_full(runtime, tiny_dit_state_dict(0))
+    return out
+
+
+@pytest.fixture(scope="module")
+def worlds(tiny_weights, checkpoints):
+    """worlds(k): the per-rank results of _world_cases on k spawned ranks (spawned once per module)."""
+    cache = {}
+
+    def get(world):
+        if world not in cache:
+            cache[world] = run_ranks(world, _world_cases, tiny_weights, checkpoints)
+        return cache[world]
+    return get
+
+
+@pytest.mark.parametrize("fmt", ["pt", "safetensors"])
+def test_sharded_loading_reads_only_this_ranks_slice(fmt, worlds):
+    state = tiny_dit_state_dict(0)
+    loaded = [rank["loaded"][fmt] for rank in worlds(2)]
+    expected = [rank["from_full"] for rank in worlds(2)]
     for got, want in zip(loaded, expected):
         assert set(got) == set(want)
         for key in want:
