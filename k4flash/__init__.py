@@ -10,7 +10,8 @@ import os
 from .published import PUBLISHED_DIT_PARAMS
 
 __version__ = "0.1.0"
-__all__ = ["DiffusionTransformer3D", "PUBLISHED_DIT_PARAMS", "Kandinsky4T2VPipeline", "get_T2V_pipeline"]
+__all__ = ["DiffusionTransformer3D", "PUBLISHED_DIT_PARAMS", "Kandinsky4T2VPipeline", "get_T2V_pipeline",
+           "get_tiny_pipeline"]
 
 
 def get_T2V_pipeline(device_map, resolution: int = 512, cache_dir="./weights/", dit_path=None,
@@ -30,6 +31,19 @@ def get_T2V_pipeline(device_map, resolution: int = 512, cache_dir="./weights/", 
         return load_rank_pipeline(*args, **options)
     from .pipeline import load_pipeline
     return load_pipeline(*args, **options)
+
+
+def get_tiny_pipeline(device_map="cpu", **options):
+    """The untrained tiny stand-in (`model=tiny` on the command line) from Python, in one call.
+
+    Builds the tiny weights in the published formats on first use (k4flash.tiny.ensure_tiny_weights:
+    $K4FLASH_CACHE or ~/.cache/k4flash) and loads them like get_T2V_pipeline, launcher routing included.
+    Its videos are noise, not the prompt: it exercises the real code path on any CPU.
+    """
+    from .tiny import TINY_DIT_PARAMS, ensure_tiny_weights
+
+    options = {"dit_params": TINY_DIT_PARAMS, "download": False, **options}
+    return get_T2V_pipeline(device_map, cache_dir=ensure_tiny_weights(), **options)
 
 
 def __getattr__(name):

@@ -20,6 +20,17 @@ import torch
 from PIL import Image
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it: put it straight back
+    os.umask(mask)
+    return mask
+
+
+# Files are published with the mode a plain open() would give (0o666 less the umask), whatever
+# the writer used for its temporary file (safetensors writes 0600).
+FILE_MODE = 0o666 & ~_umask()
+
+
 def _as_uint8_frames(frames: np.ndarray | torch.Tensor) -> np.ndarray:
     """Validate (T, H, W, 3) uint8 frames and return them as a C-contiguous numpy array."""
     if isinstance(frames, torch.Tensor):
@@ -47,6 +58,7 @@ def _atomic_target(path: str | Path, overwrite: bool, suffix: str) -> Iterator[P
     temp_path = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
     try:
         yield temp_path
+        os.chmod(temp_path, FILE_MODE)
         if overwrite:
             os.replace(temp_path, path)
         else:

@@ -171,7 +171,7 @@ class Kandinsky4T2VPipeline:
         request = {"prompt": text, "seed": seed, "time_length": time_length, "width": width, "height": height}
         return Generation(request, latents, frames, timings)
 
-    def write_outputs(self, generation: Generation, save_path, save_latents=False, overwrite=True,
+    def write_outputs(self, generation: Generation, save_path, save_latents=False, overwrite=False,
                       extra_metadata=None) -> Path:
         """Stage 6 (group main): MP4 (PNG for an image), optional latents, JSON sidecar; each file atomic.
 
@@ -203,15 +203,22 @@ class Kandinsky4T2VPipeline:
     @torch.no_grad()
     def __call__(self, text: str, save_path="./test.mp4", bs: int = 1, time_length: int = 12, width: int = 512,
                  height: int = 512, seed: int = None, return_frames: bool = False, save_latents: bool = False,
-                 overwrite: bool = True, progress: bool = True):
+                 overwrite: bool = False, progress: bool = True):
         """The official call: writes `save_path` (MP4 + JSON sidecar) and returns its path, or returns the
-        frames as PIL images when `return_frames=True` or `time_length=0` (a one-image list)."""
+        frames as PIL images when `return_frames=True` or `time_length=0` (a one-image list; nothing is
+        written, as in the official code: the CLI, which returns nothing, writes `<stem>.png` instead).
+
+        An existing `save_path` is kept and FileExistsError raised unless `overwrite=True`, as in the CLI;
+        the check runs before any work."""
         if bs != 1:
             raise ValueError(f"bs={bs} is not supported; the distilled pipeline generates one video per call (bs=1)")
+        writes = not (return_frames or time_length == 0)
+        if writes and not overwrite and Path(save_path).exists():
+            raise FileExistsError(f"save_path {save_path} already exists; pass overwrite=True to replace it")
         generation = self.generate(text, time_length, width, height, seed, progress)
         if not self.is_group_main:
             return None
-        if return_frames or time_length == 0:
+        if not writes:
             return frames_to_pil(generation.frames)
         return self.write_outputs(generation, save_path, save_latents=save_latents, overwrite=overwrite)
 

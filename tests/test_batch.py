@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,6 +90,7 @@ def test_batch_resumes_and_survives_a_failing_prompt(tmp_path, tiny_cache):
 
 
 def test_dp2_x_tp2_gives_the_one_rank_videos(tmp_path, tiny_cache):
+    logs = {}
     for name, launcher in (("one", []), ("dp2tp2", ["-m", "torch.distributed.run", "--nproc-per-node", "4",
                                                      "--master-port", str(free_port())])):
         (tmp_path / name).mkdir()
@@ -97,13 +99,21 @@ def test_dp2_x_tp2_gives_the_one_rank_videos(tmp_path, tiny_cache):
                                 [sys.executable, str(ENTRY), *BATCH], cwd=tmp_path / name, env=_env(tiny_cache),
                                 capture_output=True, text=True, timeout=400)
         assert result.returncode == 0, result.stderr[-3000:]
+        logs[name] = result.stdout + result.stderr
     for one in sorted((tmp_path / "one" / "out").glob("*.latents.safetensors")):
         other = tmp_path / "dp2tp2" / "out" / one.name
         torch.testing.assert_close(load_file(str(other))["latents"], load_file(str(one))["latents"],
                                    atol=1e-5, rtol=1e-5)
     assert len(list((tmp_path / "dp2tp2" / "out").glob("*.png"))) == 4
-    # one Hydra directory for the job, made by rank 0 only
-    assert len(list((tmp_path / "dp2tp2" / "outputs").glob("*/*/.hydra"))) == 1
+    # Every output is logged once, by the group that wrote it (rank 0 for group 0, rank 2 for group 1),
+    # and rank 0 ends with a summary.
+    for name, log in logs.items():
+        for png in (tmp_path / name / "out").glob("*.png"):
+            assert log.count(f"wrote {Path('out') / png.name}") == 1, (name, png.name, log[-3000:])
+        assert "batch finished in" in log and "4 written, 0 skipped (already done), 0 failed" in log, log[-3000:]
+    assert "rank 2: wrote out/00001-a-blue-circle.png" in logs["dp2tp2"]
+    # Nothing but the outputs and the prompts: Hydra writes no folder or log file unless asked.
+    assert sorted(p.name for p in (tmp_path / "dp2tp2").iterdir()) == ["out", "prompts.txt"]
 
 
 def test_world_not_divisible_by_tp_fails_before_loading(tmp_path, tiny_cache):

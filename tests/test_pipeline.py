@@ -112,3 +112,25 @@ def test_long_prompt_is_truncated_with_a_warning(pipe, caplog):
         embed = pipe.encode_text(long_prompt)
     assert embed.shape == (1, 224, TINY_DIT_PARAMS["in_text_dim"])
     assert any("truncated" in r.message and "first 224" in r.message for r in caplog.records)
+
+
+def test_the_api_keeps_an_existing_video_like_the_cli_and_checks_before_work(pipe, tmp_path, monkeypatch):
+    target = tmp_path / "mine.mp4"
+    target.write_bytes(b"the user's own video")
+    monkeypatch.setattr(pipe, "generate", lambda *a, **k: pytest.fail("work started before the check"))
+    with pytest.raises(FileExistsError, match=r"mine\.mp4 already exists; pass overwrite=True"):
+        pipe(text=PROMPT, save_path=str(target), time_length=1, width=512, height=512, seed=1)
+    assert target.read_bytes() == b"the user's own video"
+    monkeypatch.undo()
+    assert pipe(text=PROMPT, save_path=str(target), time_length=0, width=512, height=512, seed=1,
+                overwrite=False)[0].size == (512, 512)  # an image is returned, nothing is written (as documented)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.mp4"]
+
+
+def test_get_tiny_pipeline_is_one_call(tiny_cache, monkeypatch):
+    from k4flash import get_tiny_pipeline
+
+    monkeypatch.setenv("K4FLASH_CACHE", str(tiny_cache))
+    tiny = get_tiny_pipeline("cpu")
+    assert tiny.dit.transformer_blocks[0][0].feed_forward.in_layer.out_features == TINY_DIT_PARAMS["ff_dim"]
+    assert tiny(text=PROMPT, time_length=0, width=512, height=512, seed=1)[0].size == (512, 512)

@@ -170,3 +170,23 @@ def test_frames_to_pil():
     assert len(images) == 2
     assert images[0].mode == "RGB" and images[0].size == (96, 64)
     assert np.array_equal(np.asarray(images[1]), frames[1])
+
+
+def test_every_writer_publishes_with_the_umask_mode(tmp_path):
+    """The .mp4, .png, .json and .latents.safetensors beside each other get one mode: 0o666 less the umask
+    (safetensors alone used to leave 0600)."""
+    import os
+    import stat
+
+    previous = os.umask(0o027)  # a mode that differs from both 0600 and 0644
+    try:
+        import importlib
+        importlib.reload(outputs)
+        written = [outputs.write_mp4(tmp_path / "v.mp4", smooth_frames()),
+                   outputs.write_png(tmp_path / "v.png", smooth_frames(1)[0]),
+                   outputs.write_json_atomic(tmp_path / "v.json", {"a": 1}),
+                   outputs.write_safetensors_atomic(tmp_path / "v.latents.safetensors", {"x": torch.ones(2)})]
+    finally:
+        os.umask(previous)
+        importlib.reload(outputs)
+    assert {oct(stat.S_IMODE(p.stat().st_mode)) for p in written} == {oct(0o640)}

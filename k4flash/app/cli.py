@@ -21,6 +21,7 @@ from parallel.health import RankHealth, is_collective_failure
 from parallel.runtime import env_world, init_runtime, shutdown_runtime, validate_world
 
 from .batch import Job, read_prompts_file
+from .config import unknown_keys
 
 log = logging.getLogger("k4flash")
 
@@ -69,6 +70,9 @@ def check_writable(directory: Path, what: str) -> None:
 
 def plan_jobs(cfg) -> list:
     """Every video this run should produce, validated; raises UsageError/ValueError before anything loads."""
+    problems = unknown_keys(cfg)
+    if problems:
+        raise UsageError(problems[0])
     defaults = dict(seed=cfg.seed, time_length=cfg.time_length, width=cfg.width, height=cfg.height)
     validate_seed(cfg.seed)
     if cfg.prompts_file:
@@ -152,6 +156,7 @@ def validate_parallel(cfg) -> int:
 def generate_from_config(cfg) -> int:
     """Plan, load once, generate this rank's share of the jobs; returns how many failed (all ranks)."""
     # 1. Everything the user typed, checked before any weights load or process group forms.
+    started = time.perf_counter()
     jobs = plan_jobs(cfg)
     validate_parallel(cfg)
     device = resolve_device(cfg.device, env_world()[2])
@@ -169,7 +174,12 @@ def generate_from_config(cfg) -> int:
     runtime = init_runtime(cfg.device, cfg.parallel.timeout_s, tp=cfg.parallel.tp)
     health = RankHealth.start(runtime.rank, runtime.world_size) if runtime.distributed else None
     try:
-        return _generate(cfg, runtime, dtype, weights_dir, todo, batch, health)
+        failed = _generate(cfg, runtime, dtype, weights_dir, todo, health)
+        if batch and runtime.is_main:
+            done, wall_s = len(todo) - failed, time.perf_counter() - started
+            log.info("batch finished in %.1f s: %d written, %d skipped (already done), %d failed; %.0f videos/hour",
+                     wall_s, done, len(jobs) - len(todo), failed, 3600 * done / wall_s)
+        return failed
     except BaseException as err:
         if health is None:
             raise
@@ -183,7 +193,20 @@ def generate_from_config(cfg) -> int:
             health.stop()
 
 
-def _generate(cfg, runtime, dtype, weights_dir, todo, batch, health) -> int:
+def _written_log(runtime) -> logging.Logger:
+    """Where 'wrote …' lines go: every output is logged once, by the first rank of the group that wrote it
+    (only rank 0 logs anything else)."""
+    written = logging.getLogger("k4flash.written")
+    if runtime.is_group_main and not runtime.is_main and not written.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter(f"[%(asctime)s][k4flash][INFO] - rank {runtime.rank}: %(message)s"))
+        written.addHandler(handler)
+        written.setLevel(logging.INFO)
+        written.propagate = False
+    return written
+
+
+def _generate(cfg, runtime, dtype, weights_dir, todo, health) -> int:
     # 3. Load T5, DiT, VAE once (the checkpoint is checked before it materialises).
     clock = time.perf_counter()
     pipe = build_pipeline(cfg, runtime, dtype, weights_dir)
@@ -192,7 +215,9 @@ def _generate(cfg, runtime, dtype, weights_dir, todo, batch, health) -> int:
              str(dtype).replace("torch.", ""), runtime.world_size, runtime.dp_size, runtime.tp_size, load_s)
     metadata = {"model": cfg.model.name, "untrained": bool(cfg.model.untrained),
                 "config": OmegaConf.to_container(cfg, resolve=True)}
+    batch = bool(cfg.prompts_file)
     overwrite = cfg.overwrite or batch  # a batch job still pending may have a stale half: replace it
+    written_log = _written_log(runtime)
 
     # 4. Each TP group takes every dp_size-th job; its first rank decodes and writes.
     failed = 0
@@ -206,7 +231,8 @@ def _generate(cfg, runtime, dtype, weights_dir, todo, batch, health) -> int:
                 generation.timings["load_s"] = load_s
                 written = pipe.write_outputs(generation, job.save_path, save_latents=cfg.save_latents,
                                              overwrite=overwrite, extra_metadata={**metadata, "index": job.index})
-                log.info("wrote %s (%s)", written, ", ".join(f"{k} {v:.2f}" for k, v in generation.timings.items()))
+                written_log.info("wrote %s (%s)", written,
+                                 ", ".join(f"{k} {v:.2f}" for k, v in generation.timings.items()))
         except Exception as err:  # one bad prompt must not sink the batch
             if not batch or is_collective_failure(err):
                 raise  # a rank is gone: not a per-prompt failure

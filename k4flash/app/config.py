@@ -1,95 +1,167 @@
-"""The typed schema of `conf/` (Hydra structured configs).
+"""The typed schema of `conf/` (Hydra structured configs): every key, its type, default and meaning.
 
-A typo'd key or an ill-typed value in an override (`time_lenght=3`, `seed=abc`) fails at
-once with Hydra's own message, before anything loads. Every field says what it is here,
-where it is declared; the YAML files in conf/ only choose values.
+This is the one source of defaults and of the key documentation: `--help` is generated from
+the `doc=` of each field (`help_text`), and the YAML files in conf/ only choose values.
+An ill-typed override (`seed=abc`) fails with Hydra's message before anything loads; an
+unknown key fails however it is spelled, `+time_lenght=3` included (`unknown_keys`).
 """
-from dataclasses import dataclass, field
+import difflib
+from dataclasses import MISSING as NO_DEFAULT, dataclass, field, fields, is_dataclass
 from typing import List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import II, MISSING
+from omegaconf import II, MISSING, DictConfig, OmegaConf
 
 from k4flash.published import DEFAULT_HEIGHT, DEFAULT_TIME_LENGTH, DEFAULT_WIDTH, PUBLISHED_DIT_PARAMS as _P
+
+ENTRY = "run_inference_distil.py"
+
+
+def key(doc: str, default=NO_DEFAULT, *, factory=NO_DEFAULT):
+    """A schema field with its one-line documentation (shown by --help)."""
+    if factory is not NO_DEFAULT:
+        return field(default_factory=factory, metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
 
 
 @dataclass
 class DiTParams:
     """The DiT's constructor arguments (docs/model.md "DiT hyper-parameters"); defaults: the published DiT."""
-    in_visual_dim: int = _P["in_visual_dim"]  # VAE latent channels
-    in_text_dim: int = _P["in_text_dim"]  # text encoder width (T5-XXL: 4096)
-    out_visual_dim: int = _P["out_visual_dim"]
-    time_dim: int = _P["time_dim"]
-    patch_size: List[int] = field(default_factory=lambda: list(_P["patch_size"]))  # (frames, height, width)
-    model_dim: int = _P["model_dim"]
-    ff_dim: int = _P["ff_dim"]
-    num_blocks: int = _P["num_blocks"]  # pairs of transformer blocks
-    axes_dims: List[int] = field(default_factory=lambda: list(_P["axes_dims"]))  # RoPE dims per axis; sum = head_dim
+    in_visual_dim: int = key("VAE latent channels", _P["in_visual_dim"])
+    in_text_dim: int = key("text encoder width (T5-XXL: 4096)", _P["in_text_dim"])
+    out_visual_dim: int = key("output latent channels", _P["out_visual_dim"])
+    time_dim: int = key("time embedding width", _P["time_dim"])
+    patch_size: List[int] = key("patch (frames, height, width)", factory=lambda: list(_P["patch_size"]))
+    model_dim: int = key("transformer width", _P["model_dim"])
+    ff_dim: int = key("feed-forward width", _P["ff_dim"])
+    num_blocks: int = key("pairs of transformer blocks", _P["num_blocks"])
+    axes_dims: List[int] = key("RoPE dims per axis (frame, row, column); their sum is the head width",
+                               factory=lambda: list(_P["axes_dims"]))
 
 
 @dataclass
 class DemoDefaults:
     """What a run generates when time_length / width / height are not given (the published: 12 s, 672×384)."""
-    time_length: int = DEFAULT_TIME_LENGTH
-    width: int = DEFAULT_WIDTH
-    height: int = DEFAULT_HEIGHT
+    time_length: int = key("seconds when time_length is not given", DEFAULT_TIME_LENGTH)
+    width: int = key("width when not given", DEFAULT_WIDTH)
+    height: int = key("height when not given", DEFAULT_HEIGHT)
 
 
 @dataclass
 class ModelConfig:
-    name: str = MISSING  # the conf/model/<name>.yaml that was chosen
-    builtin: bool = False  # true: weights are generated locally (tiny); weights_dir and download are ignored
-    untrained: bool = False  # true: the output is noise; said loudly in the log and the sidecar
-    dit_params: DiTParams = field(default_factory=DiTParams)
-    demo: DemoDefaults = field(default_factory=DemoDefaults)
+    name: str = key("the conf/model/<name>.yaml that was chosen", MISSING)
+    builtin: bool = key("true: weights are generated locally (tiny); weights_dir and download are ignored", False)
+    untrained: bool = key("true: the output is noise; said loudly in the log and the sidecar", False)
+    dit_params: DiTParams = key("the DiT's constructor arguments", factory=DiTParams)
+    demo: DemoDefaults = key("the model's default time_length / width / height", factory=DemoDefaults)
 
 
 @dataclass
 class ParallelConfig:
-    # Tensor-parallel degree K: ranks per DiT replica (keep it within a node). The world
-    # size W must be a multiple: W = D·K gives D data-parallel groups, each generating its
-    # own share of the prompts. null = all ranks in one TP group (D = 1).
-    tp: Optional[int] = None
-    # Seconds a collective may wait before the job fails (a dead or hung rank).
-    timeout_s: float = 600.0
+    tp: Optional[int] = key("tensor-parallel degree K, ranks per DiT replica (keep it within a node); the world "
+                            "size W = D·K gives D data-parallel groups, each with its share of the prompts; "
+                            "null = all ranks in one TP group", None)
+    timeout_s: float = key("seconds a collective may wait before the job fails (a dead or hung rank)", 600.0)
 
 
 @dataclass
 class VAEConfig:
-    # When a TP group has more than one rank, all of them decode (each a band of latent rows, exact:
-    # the same frames as one rank) and the group's first rank writes; false: the first rank decodes alone.
-    parallel: bool = True
+    parallel: bool = key("with a TP group of more than one rank, all of them decode a band of latent rows (exact: "
+                         "the one-rank frames) and its first rank writes; false: the first rank decodes alone", True)
 
 
 @dataclass
 class RunConfig:
-    model: ModelConfig = MISSING
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    vae: VAEConfig = field(default_factory=VAEConfig)
-    prompt: str = ""  # the text prompt (single-video mode)
-    seed: int = 42  # one CPU generator: the same seed gives the same video on any device and rank count
-    time_length: int = II("model.demo.time_length")  # seconds; 0 = one image (<save_path stem>.png)
-    width: int = II("model.demo.width")  # (height, width) must be an allowed pair (README)
-    height: int = II("model.demo.height")
-    save_path: str = "./test.mp4"  # single-video mode: H.264 MP4, 8 fps, JSON sidecar beside it
-    # Batch mode: one prompt per line, or JSONL with per-line prompt/seed/time_length/width/height.
-    # Writes <output_dir>/<line index, 5 digits>-<slug>.mp4 (+ .json); a re-run skips finished ones.
-    prompts_file: Optional[str] = None
-    output_dir: str = "./videos"
-    save_latents: bool = False  # also write <stem>.latents.safetensors (key "latents")
-    overwrite: bool = False  # replace existing outputs (single mode) / redo finished prompts (batch mode)
-    weights_dir: str = "./weights/"  # kandinsky4_distil_512.pt, vae/, text_encoder/, tokenizer/, scheduler/ (docs/model.md)
-    download: bool = True  # fetch missing weights from the Hugging Face Hub when online
-    device: str = "auto"  # auto = cuda:LOCAL_RANK when CUDA is available, else cpu
-    dtype: str = "auto"  # auto = bfloat16 on GPU (as the official code), float32 on CPU
-    progress: bool = True  # progress bar over the denoising steps (rank 0)
-    # torch.compile the DiT's transformer blocks (DiffusionTransformer3D.compile_blocks): the
-    # first step of each new geometry pays the compile (tens of seconds), later steps run the
-    # compiled graph. Measured on/off by `python -m bench.dit_forward --compile`.
-    compile: bool = False
+    model: ModelConfig = key("the model: kandinsky4_flash (published weights) or tiny (built-in, untrained)",
+                             MISSING)
+    parallel: ParallelConfig = key("multi-rank layout", factory=ParallelConfig)
+    vae: VAEConfig = key("VAE decode", factory=VAEConfig)
+    prompt: str = key("the text prompt (single-video mode)", "")
+    seed: int = key("one CPU generator: the same seed gives the same video on any device and rank count", 42)
+    time_length: int = key("seconds (default: the model's demo value); 0 = one image, written as <stem>.png",
+                           II("model.demo.time_length"))
+    width: int = key("width; (height, width) must be an allowed pair (README)", II("model.demo.width"))
+    height: int = key("height", II("model.demo.height"))
+    save_path: str = key("single-video mode: the H.264 MP4 (8 fps); its JSON sidecar goes beside it", "./test.mp4")
+    prompts_file: Optional[str] = key(
+        "batch mode: one prompt per line, or .jsonl with prompt/seed/time_length/width/height per line; writes "
+        "<output_dir>/<5-digit line index>-<slug>.mp4 (+ .json), and a re-run skips finished ones", None)
+    output_dir: str = key("where batch mode writes", "./videos")
+    save_latents: bool = key('also write <stem>.latents.safetensors (key "latents")', False)
+    overwrite: bool = key("replace existing outputs (single mode) / redo finished prompts (batch mode)", False)
+    weights_dir: str = key("kandinsky4_distil_512.pt, vae/, text_encoder/, tokenizer/, scheduler/ (docs/model.md)",
+                           "./weights/")
+    download: bool = key("fetch missing weights from the Hugging Face Hub when it is reachable", True)
+    device: str = key("auto = cuda:LOCAL_RANK when CUDA is available, else cpu", "auto")
+    dtype: str = key("auto = bfloat16 on GPU (as the official code), float32 on CPU; or float32, bfloat16, "
+                     "float16", "auto")
+    progress: bool = key("progress bar over the denoising steps (rank 0)", True)
+    compile: bool = key("torch.compile the DiT's blocks: the first step of each new geometry pays the compile "
+                        "(tens of seconds); measured by python -m bench.dit_forward --compile", False)
+
+
+def _rows(schema, prefix=""):
+    """(dotted key, type, default, doc) for every leaf of a schema dataclass, nested ones flattened."""
+    for f in fields(schema):
+        name, doc = prefix + f.name, f.metadata.get("doc", "")
+        default_type = f.default_factory if f.default_factory is not NO_DEFAULT else None
+        if is_dataclass(default_type) or (f.name == "model" and schema is RunConfig):
+            yield from _rows(default_type or ModelConfig, name + ".")
+            continue
+        if f.default_factory is not NO_DEFAULT:
+            default = f.default_factory()
+        else:
+            default = f.default
+        if isinstance(default, str) and default.startswith("${"):
+            default = default[2:-1]  # an interpolation: name the key it follows
+        elif default is MISSING:
+            default = "set by the model"
+        else:
+            default = "null" if default is None else repr(default)
+        kind = {Optional[int]: "int or null", Optional[str]: "str or null", List[int]: "list of int"}.get(
+            f.type, getattr(f.type, "__name__", str(f.type)))
+        yield name, kind, default, doc
+
+
+def help_text() -> str:
+    """The app's --help page: usage, the model choices (Hydra fills in $APP_CONFIG_GROUPS), every key."""
+    lines = [f"{ENTRY}: generate videos with Kandinsky 4.0 T2V Flash.", "",
+             f"  python {ENTRY} [KEY=VALUE ...]              e.g. model=tiny prompt=\"a red fox\" seed=7",
+             f"  torchrun --nproc-per-node 8 {ENTRY} [KEY=VALUE ...]", "",
+             "Choices (model=NAME):", "$APP_CONFIG_GROUPS", "", "Keys (default; meaning):"]
+    for name, kind, default, doc in _rows(RunConfig):
+        lines.append(f"  {name} ({kind}; default {default}): {doc}")
+    lines += ["", "--cfg job --resolve prints the resolved config; --hydra-help lists Hydra's own options."]
+    # string.Template ($) and OmegaConf (${...}) both read the template: keep our text literal.
+    return "\n".join(lines).replace("${", "$${")
+
+
+def unknown_keys(cfg: DictConfig) -> list:
+    """Keys of a composed run config that the schema does not have, as one-line messages (Hydra's own
+    check misses keys added with a `+` prefix)."""
+    schema = OmegaConf.structured(RunConfig(model=ModelConfig(name="?")))
+    problems = []
+
+    def walk(node, reference, prefix):
+        for name in node.keys():
+            if prefix == "" and name == "hydra":
+                continue
+            dotted = prefix + str(name)
+            if name not in reference:
+                close = difflib.get_close_matches(str(name), [str(k) for k in reference.keys()], n=1)
+                hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+                problems.append(f"unknown config key {dotted!r}{hint}; `python {ENTRY} --help` lists the keys")
+                continue
+            child, expected = node._get_node(name), reference._get_node(name)
+            if isinstance(child, DictConfig) and isinstance(expected, DictConfig):
+                walk(child, expected, dotted + ".")
+
+    walk(cfg, schema, "")
+    return problems
 
 
 def register_configs() -> None:
     store = ConfigStore.instance()
     store.store(name="run_schema", node=RunConfig)
-    store.store(group="model", name="model_schema", node=ModelConfig)
+    store.store(group="hydra/help", name="k4flash", node={"app_name": ENTRY, "header": "", "footer": "",
+                                                         "template": help_text()})
