@@ -1,4 +1,5 @@
-"""The three ways users start a run give the same image: plain python, torchrun, torch.distributed.launch."""
+"""The ways users start a run give the same image: plain python, torchrun, torch.distributed.launch and
+launch/torchrun.sh; the launcher script exits with the ranks' documented status and one error line."""
 import os
 import subprocess
 import sys
@@ -12,27 +13,35 @@ from test_cli import ENTRY
 
 ARGS = ["model=tiny", "time_length=0", "width=512", "height=512", "seed=5", "prompt=a red square", "progress=false",
         "save_latents=true"]
+LAUNCH_SH = ENTRY.parent / "launch" / "torchrun.sh"
 LAUNCHERS = {
-    "python": [],
-    "torchrun": ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "{port}"],
-    "launch": ["-m", "torch.distributed.launch", "--nnodes", "1", "--nproc-per-node", "2", "--master-port", "{port}"],
+    "python": [sys.executable, str(ENTRY)],
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "{port}",
+                 str(ENTRY)],
+    "launch": [sys.executable, "-m", "torch.distributed.launch", "--nnodes", "1", "--nproc-per-node", "2",
+               "--master-port", "{port}", str(ENTRY)],
+    "torchrun.sh": ["bash", str(LAUNCH_SH)],  # NPROC_PER_NODE=2 (below)
 }
+
+
+def _env(tiny_cache, **extra):
+    return dict(os.environ, K4FLASH_CACHE=str(tiny_cache), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
+                PYTHON=sys.executable, **extra)
 
 
 @pytest.fixture(scope="module")
 def runs(tiny_cache, tmp_path_factory):
-    env = dict(os.environ, K4FLASH_CACHE=str(tiny_cache), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     out = {}
     for name, launcher in LAUNCHERS.items():
         cwd = tmp_path_factory.mktemp(name)
         launcher = [arg.format(port=free_port()) for arg in launcher]
-        result = subprocess.run([sys.executable, *launcher, str(ENTRY), *ARGS, "save_path=img.mp4"], cwd=cwd, env=env,
+        result = subprocess.run([*launcher, *ARGS, "save_path=img.mp4"], cwd=cwd, env=_env(tiny_cache, NPROC_PER_NODE="2"),
                                 capture_output=True, text=True, timeout=300)
         out[name] = (cwd, result)
     return out
 
 
-@pytest.mark.parametrize("name", ["torchrun", "launch"])
+@pytest.mark.parametrize("name", ["torchrun", "launch", "torchrun.sh"])
 def test_multi_rank_launchers_match_one_process(runs, name):
     cwd, result = runs[name]
     assert result.returncode == 0, result.stderr[-3000:]
@@ -43,3 +52,32 @@ def test_multi_rank_launchers_match_one_process(runs, name):
                                atol=1e-5, rtol=1e-5)
     written = sorted(p.name for p in cwd.iterdir() if p.is_file())
     assert written == ["img.json", "img.latents.safetensors", "img.png"]  # rank 0 alone writes, no stray files
+
+
+def test_torchrun_sh_exits_with_the_documented_status_and_one_line(tmp_path, tiny_cache):
+    """3 ranks for a DiT of 8 heads: every rank refuses it (status 2). Bare torchrun would exit 1 and add its
+    ~40-line ChildFailedError report; the launcher script gives 2 and rank 0's line alone."""
+    result = subprocess.run(["bash", str(LAUNCH_SH), *ARGS, "save_path=img.mp4"], cwd=tmp_path,
+                            env=_env(tiny_cache, NPROC_PER_NODE="3"), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    assert lines == ["error: tensor-parallel degree 3 does not divide the DiT (heads=8, ff_dim=256, "
+                     "model_dim=128); allowed degrees: [1, 2, 4, 8]"]
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("codes, expected", [
+    ({}, (0, None)),
+    ({0: 2, 1: 2, 2: 2}, (2, None)),  # every rank refused the input; rank 0 printed the line
+    ({0: -15, 1: 2, 2: 2}, (2, None)),  # rank 0 printed, then the launcher's SIGTERM overtook its exit
+    ({0: 3, 1: -9}, (3, None)),  # rank 0 named the killed rank itself
+    ({0: -15, 1: -9}, (3, "rank 1 was killed by SIGKILL")),
+    ({0: -15, 1: 139}, (3, "rank 1 exited with status 139 (a crash: its output is above)")),
+    ({0: 143, 1: -15}, (143, None)),  # the job was stopped
+    ({0: -15}, (143, None)),
+    ({4: 3, 5: -15}, (0, None)),  # a node without rank 0: rank 0's node reports the job
+    ({4: -6}, (3, "rank 4 was killed by SIGABRT")),
+])
+def test_job_status_prefers_rank_0s_documented_status(codes, expected):
+    from k4flash.app.launch import job_status
+    assert job_status(codes) == expected
