@@ -73,3 +73,17 @@ def test_strip_launcher_args(monkeypatch):
     argv = ["prog", "--local-rank=3", "seed=1", "--local_rank", "3", "prompt=x"]
     strip_launcher_args(argv)
     assert argv == ["prog", "seed=1", "prompt=x"] and os.environ["LOCAL_RANK"] == "3"
+
+
+def test_the_readme_demo_line_can_be_repeated_and_leaves_only_its_outputs(tmp_path, tiny_cache):
+    """The set-up block's demo command, run twice in a fresh folder (as an image, to keep it quick): both
+    succeed, and the folder holds the output and its sidecar only: no Hydra outputs/, no log file."""
+    readme = (ENTRY.parent / "README.md").read_text()
+    line = next(line for line in readme.splitlines() if line.startswith("python run_inference_distil.py model=tiny"))
+    overrides = line.split("#")[0].split()[2:]
+    assert "overwrite=true" in overrides and any(o.startswith("save_path=") for o in overrides)
+    for _ in range(2):
+        result = run_cli(tmp_path, tiny_cache, *overrides, "time_length=0", "width=512", "height=512",
+                         "progress=false")
+        assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo.json", "demo.png"]
