@@ -5,6 +5,8 @@ device → read the checkpoint (mmap) → check every key and shape → assign �
 derived buffers → move → eval. The checkpoint is checked against the model before a
 byte of it is materialised, so a wrong file fails with the offending key.
 """
+import contextlib
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,41 +62,151 @@ class WeightPaths:
     scheduler: Path
 
 
-def _download(kind, repo, filename=None, subfolder=None, local_dir=None):
-    """Fetch one missing component from the Hugging Face Hub; None when offline or unreachable."""
+# The reachability probe: one HEAD for the DiT file's metadata, no retries, nothing written to disk.
+HUB_PROBE_TIMEOUT = 5.0  # seconds
+_TRUE = {"1", "ON", "YES", "TRUE"}  # huggingface_hub's own reading of HF_HUB_OFFLINE
+_PYTHON_ARGS = {"dit": "dit_path", "vae": "vae_path", "text_encoder": "text_encoder_path",
+                "tokenizer": "tokenizer_path", "scheduler": "scheduler_path"}
+
+
+def _one_line(err: BaseException, limit=160) -> str:
+    text = f"{type(err).__name__}: {err}".splitlines()[0]
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _offline_reason():
+    """Why the Hub must not be contacted per the environment, or None (read at call time, not import time)."""
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().upper() in _TRUE:
+            return f"{var} is set (offline)"
+    return None
+
+
+@contextlib.contextmanager
+def _quiet_hub():
+    """Silence huggingface_hub's warnings (retry / HTTP-error lines) for the duration."""
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)
     try:
-        from huggingface_hub import hf_hub_download, snapshot_download
-        if filename is not None:
-            return Path(hf_hub_download(repo_id=repo, filename=filename, local_dir=local_dir))
-        snapshot_download(repo_id=repo, allow_patterns=f"{subfolder}/*", local_dir=local_dir)
-        return Path(local_dir) / subfolder
-    except Exception:  # offline, no network, no such repo: the caller reports what is missing
-        return None
+        yield
+    finally:
+        hub_logger.setLevel(level)
+
+
+def _probe_hub(timeout=HUB_PROBE_TIMEOUT):
+    """None when the Hub answers a HEAD for the DiT file within `timeout`, else why not.
+
+    One request on huggingface_hub's own session (its proxy, endpoint and offline settings), no
+    retries, no warnings, nothing written to disk. Deliberately not get_hf_file_metadata: its
+    headers make huggingface_hub >= 1.x first fetch an agent registry (another 3 s timeout when
+    the network is down, and a file under HF_HOME when it is up). Any HTTP answer below 500
+    (200, 302, 401, 404) counts as reachable: the download then reports its own error.
+    """
+    try:
+        from huggingface_hub import constants, hf_hub_url
+        from huggingface_hub.utils import get_session
+    except ImportError as err:
+        return f"huggingface_hub is unavailable ({_one_line(err)})"
+    if getattr(constants, "HF_HUB_OFFLINE", False):  # set in the environment when huggingface_hub was imported
+        return "huggingface_hub is in offline mode (HF_HUB_OFFLINE)"
+    url = hf_hub_url(DIT_REPO, DIT_FILENAME)
+    try:
+        with _quiet_hub():
+            session = get_session()
+            try:
+                response = session.head(url, timeout=timeout, follow_redirects=False)  # httpx (hub >= 1.0)
+            except TypeError:
+                response = session.head(url, timeout=timeout)  # requests (hub < 1.0) never follows a HEAD
+    except Exception as err:  # DNS, refused, timeout, proxy, TLS, offline mode
+        return f"the Hub is unreachable ({_one_line(err)})"
+    if response.status_code >= 500:
+        return f"the Hub is unreachable (HTTP {response.status_code} for {url})"
+    return None
+
+
+def _download(kinds, cache_dir: Path):
+    """Fetch the missing `kinds` into the published layout under cache_dir; why any failed, or None.
+
+    Called only after the probe succeeded: this is the first thing that writes to disk.
+    """
+    from huggingface_hub import hf_hub_download, snapshot_download
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    failures = []
+    if "dit" in kinds:
+        try:
+            hf_hub_download(repo_id=DIT_REPO, filename=DIT_FILENAME, local_dir=str(cache_dir))
+        except Exception as err:  # the caller reports what is still missing
+            failures.append(_one_line(err))
+    subfolders = [kind for kind in kinds if kind != "dit"]
+    if subfolders:
+        try:
+            snapshot_download(repo_id=COMPONENTS_REPO, allow_patterns=[f"{sub}/*" for sub in subfolders],
+                              local_dir=str(cache_dir))
+        except Exception as err:
+            failures.append(_one_line(err))
+    return f"the download failed ({'; '.join(failures)})" if failures else None
+
+
+def _missing_message(missing, cache_dir: Path, reason) -> str:
+    """One line naming every missing component, where it was looked for, and what to do about it."""
+    (kind, path, _), others = missing[0], missing[1:]
+    text = f"{kind} weights not found at {path}"
+    if others:
+        in_cache = [k for k, _, explicit in others if not explicit]
+        elsewhere = [f"{k} at {p}" for k, p, explicit in others if explicit]
+        also = ([f"{', '.join(in_cache)} in {cache_dir}"] if in_cache else []) + elsewhere
+        text += f" (also missing: {', '.join(also)})"
+    kinds = [k for k, _, _ in missing]
+    sources = [f"{DIT_REPO}/{DIT_FILENAME}"] if "dit" in kinds else []
+    subfolders = [k for k in kinds if k != "dit"]
+    if len(subfolders) == 1:
+        sources.append(f"{COMPONENTS_REPO}/{subfolders[0]}")
+    elif subfolders:
+        sources.append(f"{COMPONENTS_REPO}/{{{','.join(subfolders)}}}")
+    python_args = (f"{_PYTHON_ARGS[kinds[0]]}=" if len(kinds) == 1 else
+                   ", ".join(f"{_PYTHON_ARGS[k]}=" for k in kinds) if len(kinds) == 2 else "the *_path= arguments")
+    text += (f"; put {' and '.join(sources)} (Hugging Face) there, or point weights_dir= (CLI) / cache_dir= or "
+             f"{python_args} (Python) at {'it' if len(kinds) == 1 else 'them'}")
+    return f"{text}; {reason}" if reason else text
 
 
 def resolve_weight_paths(cache_dir="./weights/", dit_path=None, text_encoder_path=None, tokenizer_path=None,
                          vae_path=None, scheduler_path=None, download=True) -> WeightPaths:
-    """Explicit paths win; else the published layout under cache_dir; else the Hub (when online)."""
+    """Explicit paths win; else the published layout under cache_dir; else the Hub (when online).
+
+    Nothing is written before a download really starts: the missing components are worked out
+    first, then (download allowed, HF_HUB_OFFLINE unset) one short, quiet probe of the Hub; when
+    it fails, FileNotFoundError names every missing component at once. Explicit paths are never
+    downloaded.
+    """
     cache_dir = Path(cache_dir)
     wanted = {
-        "dit": (dit_path, cache_dir / DIT_FILENAME, DIT_REPO, DIT_FILENAME, None),
-        "vae": (vae_path, cache_dir / "vae", COMPONENTS_REPO, None, "vae"),
-        "text_encoder": (text_encoder_path, cache_dir / "text_encoder", COMPONENTS_REPO, None, "text_encoder"),
-        "tokenizer": (tokenizer_path, cache_dir / "tokenizer", COMPONENTS_REPO, None, "tokenizer"),
-        "scheduler": (scheduler_path, cache_dir / "scheduler", COMPONENTS_REPO, None, "scheduler"),
+        "dit": (dit_path, cache_dir / DIT_FILENAME),
+        "vae": (vae_path, cache_dir / "vae"),
+        "text_encoder": (text_encoder_path, cache_dir / "text_encoder"),
+        "tokenizer": (tokenizer_path, cache_dir / "tokenizer"),
+        "scheduler": (scheduler_path, cache_dir / "scheduler"),
     }
-    resolved = {}
-    for kind, (explicit, default, repo, filename, subfolder) in wanted.items():
-        path = Path(explicit) if explicit is not None else default
-        if not path.exists() and explicit is None and download and not os.environ.get("HF_HUB_OFFLINE"):
-            path = _download(kind, repo, filename, subfolder, str(cache_dir)) or path
-        if not path.exists():
-            source = f"{repo}/{filename or subfolder}"
-            raise FileNotFoundError(f"{kind} weights not found at {path}; put {source} (Hugging Face) there "
-                                    f"or pass its path explicitly")
-        check_component(kind, path)
-        resolved[kind] = path
-    return WeightPaths(**resolved)
+    paths = {kind: (Path(explicit) if explicit is not None else default, explicit is not None)
+             for kind, (explicit, default) in wanted.items()}
+    for kind, (path, _) in paths.items():  # what is there must be usable: local checks before any network
+        if path.exists():
+            check_component(kind, path)
+    missing = [(kind, path, explicit) for kind, (path, explicit) in paths.items() if not path.exists()]
+    if missing:
+        fetchable = [kind for kind, _, explicit in missing if not explicit]
+        reason = None
+        if fetchable:
+            reason = _offline_reason() or ("downloads are disabled" if not download else _probe_hub())
+            if reason is None:
+                reason = _download(fetchable, cache_dir) or "still missing after the download"
+        missing = [(kind, path, explicit) for kind, path, explicit in missing if not path.exists()]
+        if missing:
+            raise FileNotFoundError(_missing_message(missing, cache_dir, reason))
+        for kind, (path, _) in paths.items():
+            check_component(kind, path)
+    return WeightPaths(**{kind: path for kind, (path, _) in paths.items()})
 
 
 def read_checkpoint(path) -> dict:
