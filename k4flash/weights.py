@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .dit import DiffusionTransformer3D
-from .published import COMPONENTS_REPO, DIT_FILENAME, DIT_REPO
+from .published import COMPONENTS_REPO, DIT_FILENAME, DIT_REPO, PUBLISHED_DIT_PARAMS
 
 # Buffers derived from the config: a file may or may not carry them (docs/model.md "State-dict keys"),
 # we recompute.
@@ -229,12 +229,37 @@ def read_checkpoint(path) -> dict:
     return state
 
 
+def dit_size(state: dict):
+    """(block pairs, width) of a DiT state dict (tensors or shapes' carriers), or None when it is not one."""
+    text_in = state.get("text_embeddings.in_layer.weight")
+    # A pair counts when its last layer is there (a stray key alone is an unexpected key, not a size).
+    pairs = sum(1 for key in state
+                if key.startswith("transformer_blocks.") and key.endswith(".1.feed_forward.out_layer.weight"))
+    if text_in is None or not pairs:
+        return None
+    return pairs, int(text_in.shape[0])
+
+
+_PUBLISHED_SIZE = (PUBLISHED_DIT_PARAMS["num_blocks"], PUBLISHED_DIT_PARAMS["model_dim"])
+
+
+def _describe(size) -> str:
+    pairs, width = size
+    return f"{pairs} block pair{'s' if pairs != 1 else ''} of width {width}"
+
+
 def check_state_dict(state: dict, expected: dict, source="checkpoint") -> None:
     """Raise CheckpointError naming the first missing, unexpected or misshaped key.
 
     `expected` maps key → shape-bearing tensor (meta tensors are fine). Derived RoPE
     buffers may be absent; when present they must have the expected shape.
     """
+    size, model_size = dit_size(state), dit_size(expected)
+    if size and model_size and size != model_size:
+        raise CheckpointError(
+            f"{source} is another size: it has {_describe(size)}, the model built has {_describe(model_size)}"
+            f"{' (the published DiT)' if model_size == _PUBLISHED_SIZE else ''}; pass its dit_params= (Python) "
+            f"or choose its model= (CLI)")
     missing = sorted(k for k in expected if k not in state and k not in DERIVED_KEYS)
     if missing:
         raise CheckpointError(f"{source} is missing {len(missing)} key(s), first: {missing[0]!r}")

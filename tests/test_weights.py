@@ -75,3 +75,13 @@ def test_missing_weights_name_the_file_offline(tmp_path, monkeypatch):
     (tmp_path / "kandinsky4_distil_512.pt").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match=r"vae weights not found at .*vae"):
         resolve_weight_paths(tmp_path)
+
+
+def test_a_checkpoint_of_another_size_is_recognised_and_named(tiny_weights):
+    """The tiny checkpoint loaded as the published DiT (the model card's call without dit_params=)."""
+    from k4flash.published import PUBLISHED_DIT_PARAMS
+
+    with pytest.raises(CheckpointError, match=r"another size: it has 1 block pair of width 128, the model built has "
+                                              r"21 block pairs of width 3072 \(the published DiT\); pass its "
+                                              r"dit_params="):
+        load_dit(PUBLISHED_DIT_PARAMS, tiny_weights / "kandinsky4_distil_512.pt")
