@@ -15,7 +15,8 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from .dit_math import apply_rope, joint_attention, rope_angle_table, rope_cos_sin, sinusoid_freqs
+from .dit_math import (DEFAULT_SDPA_BACKENDS, apply_rope, attention_backends, joint_attention, rope_angle_table,
+                       rope_cos_sin, sinusoid_freqs)
 from .published import PUBLISHED_DIT_PARAMS, ROPE_MAX_POSITIONS  # noqa: F401 (re-exported)
 
 
@@ -117,10 +118,13 @@ class MultiheadSelfAttention(nn.Module):
 
     def forward(self, x, num_visual, rope_cos, rope_sin):  # x: (B, S, D), visual tokens first
         qkv = self.to_query_key_value(x).unflatten(-1, (3, -1, self.head_dim))  # (B, S, 3, heads, head_dim)
-        query, key, value = qkv.unbind(2)
+        query, key, value = qkv.unbind(2)  # strided views into the packed projection
         query = self.query_norm(query).type_as(query).transpose(1, 2)  # (B, heads, S, head_dim)
         key = self.key_norm(key).type_as(key).transpose(1, 2)
-        value = value.transpose(1, 2)
+        # A plain (B, heads, S, head_dim) tensor like q and k (the RoPE concatenation below makes those):
+        # SDPA backends have had NaN and memory bugs with v as a strided view of a packed QKV
+        # (docs/model.md "DiT forward" step 5).
+        value = value.transpose(1, 2).contiguous()
         # RoPE on the visual tokens only (docs/model.md "DiT forward" step 4); text keeps its q, k.
         query = torch.cat([apply_rope(query[:, :, :num_visual], rope_cos, rope_sin), query[:, :, num_visual:]], dim=2)
         key = torch.cat([apply_rope(key[:, :, :num_visual], rope_cos, rope_sin), key[:, :, num_visual:]], dim=2)
@@ -209,6 +213,7 @@ class DiffusionTransformer3D(nn.Module):
             for _ in range(num_blocks)
         ])
         self.out_layer = OutLayer(model_dim, time_dim, out_visual_dim, patch_size)
+        self.sdpa_backends = DEFAULT_SDPA_BACKENDS  # the attention kernels allowed (k4flash/dit_math.py)
 
     def compile_blocks(self, **compile_kwargs):
         """torch.compile every transformer block in place (nn.Module.compile); returns self.
@@ -246,7 +251,8 @@ class DiffusionTransformer3D(nn.Module):
         rope_cos, rope_sin = self.rope_embeddings(grid, x.device)
         # j = 0 ("local") and j = 1 ("global") blocks attend over the whole video at
         # num_groups = (1, 1, 1), the only published configuration.
-        for pair in self.transformer_blocks:
-            for block in pair:
-                tokens = block(tokens, num_visual, time_embed, rope_cos, rope_sin)
+        with attention_backends(self.sdpa_backends):  # out here: the blocks may be compiled, this stays eager
+            for pair in self.transformer_blocks:
+                for block in pair:
+                    tokens = block(tokens, num_visual, time_embed, rope_cos, rope_sin)
         return self.out_layer(tokens[:, :num_visual], time_embed, grid)

@@ -7,6 +7,16 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# The SDPA kernels joint attention may use; torch takes the first of them that supports the inputs.
+# Flash first, then memory-efficient, then math, the always-correct fallback. cuDNN attention is
+# left out on purpose: torch releases have shipped it with NaN and memory bugs for exactly this
+# model's pattern (2.5.0, and again around 2.9). Change them per model:
+# `dit.sdpa_backends = ("efficient", "math")` (any of SDPA_BACKENDS' names).
+SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                 "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+DEFAULT_SDPA_BACKENDS = ("flash", "efficient", "math")
 
 
 def sinusoid_freqs(num_freqs: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -57,10 +67,19 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return rotated.flatten(-2).type_as(x)
 
 
+def attention_backends(names=DEFAULT_SDPA_BACKENDS):
+    """A context in which SDPA uses only the named backends (see SDPA_BACKENDS), in that order."""
+    unknown = [name for name in names if name not in SDPA_BACKENDS]
+    if unknown or not names:
+        raise ValueError(f"SDPA backends {list(names)!r}: allowed names are {list(SDPA_BACKENDS)}")
+    return sdpa_kernel([SDPA_BACKENDS[name] for name in names])
+
+
 def joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Non-causal softmax attention over all tokens of each sequence, no mask.
 
-    q, k, v: (B, heads, N, head_dim). SDPA picks the flash / memory-efficient
-    kernel on GPU; scale is 1/sqrt(head_dim) (SDPA's default).
+    q, k, v: (B, heads, N, head_dim), each a plain tensor. The kernel is SDPA's choice among the
+    backends allowed around the call (DiffusionTransformer3D.forward: attention_backends); scale
+    is 1/sqrt(head_dim) (SDPA's default).
     """
     return F.scaled_dot_product_attention(q, k, v)

@@ -154,3 +154,23 @@ def test_bad_latent_size_is_rejected():
     model = build()
     with pytest.raises(ValueError, match="not divisible by patch_size"):
         model(torch.zeros(1, 2, 3, 4, 16), torch.zeros(1, 4, 32), torch.zeros(1))
+
+
+def test_attention_runs_on_the_chosen_sdpa_backends():
+    """The model's sdpa_backends reach SDPA: only cuDNN (no CPU kernel) fails, math alone gives the same output."""
+    model = build()
+    x = torch.randn(1, 3, 8, 12, 16, generator=torch.Generator().manual_seed(1))
+    text = torch.randn(1, 24, TINY_DIT_PARAMS["in_text_dim"], generator=torch.Generator().manual_seed(2))
+    t = torch.tensor([499.0])
+    with torch.no_grad():
+        default = model(x, text, t)
+        model.sdpa_backends = ("math",)
+        math_only = model(x, text, t)
+        model.sdpa_backends = ("cudnn",)
+        with pytest.raises(RuntimeError, match="No viable backend|No available kernel"):
+            model(x, text, t)
+        model.sdpa_backends = ("flash", "nope")
+        with pytest.raises(ValueError, match=r"allowed names are \['flash', 'efficient', 'cudnn', 'math'\]"):
+            model(x, text, t)
+    torch.testing.assert_close(math_only, default, atol=1e-5, rtol=1e-5)
+    assert default.abs().mean() > 0.1
