@@ -89,6 +89,21 @@ def check_finite_steps(step_is_finite: list, schedule: Schedule) -> None:
         f"(timestep {schedule.timesteps[step]}): the DiT produced NaN/inf (check the weights and dtype)")
 
 
+def draw_noise(shape, num_steps: int, seed: int, device="cpu", noise_dtype=torch.bfloat16) -> torch.Tensor:
+    """Every draw of one video, up front: (1 + num_steps, *shape) in noise_dtype on `device`.
+
+    One CPU generator, one randn call per draw in the official order (the initial latent, then one
+    re-noise draw per step), each rounded to noise_dtype; then a single copy to the device, from
+    pinned memory on CUDA, so that the step loop itself never waits on the host.
+    """
+    generator = torch.Generator("cpu").manual_seed(seed)
+    draws = torch.stack([torch.randn(shape, generator=generator).to(noise_dtype) for _ in range(1 + num_steps)])
+    device = torch.device(device)
+    if device.type == "cuda":
+        return draws.pin_memory().to(device, non_blocking=True)
+    return draws.to(device)
+
+
 def sample(velocity_fn, shape, schedule: Schedule, seed: int, device="cpu", noise_dtype=torch.bfloat16,
            on_step=None, check_finite=True) -> torch.Tensor:
     """Run the renoise sampler; returns the final latents (shape, float32, on `device`).
@@ -97,16 +112,12 @@ def sample(velocity_fn, shape, schedule: Schedule, seed: int, device="cpu", nois
     on_step(i, timestep, latent) is called after each step (progress, checks).
     check_finite: raise NonFiniteLatentsError, naming the step, if any step's latents hold NaN/inf.
     """
-    generator = torch.Generator("cpu").manual_seed(seed)
     state_dtype = latent_dtype_for(device)
-
-    def draw():
-        return torch.randn(shape, generator=generator).to(noise_dtype).to(device=device, dtype=state_dtype)
-
-    latent = draw()
+    noise = draw_noise(shape, len(schedule.timesteps), seed, device, noise_dtype).to(state_dtype)
+    latent = noise[0]
     step_is_finite = []
     for i, (timestep, alpha) in enumerate(zip(schedule.timesteps, schedule.alphas_cumprod)):
-        latent = renoise(latent, draw(), alpha)
+        latent = renoise(latent, noise[i + 1], alpha)
         velocity = velocity_fn(latent, timestep).to(state_dtype)
         latent = x0_from_velocity(latent, velocity, alpha)
         if check_finite:

@@ -16,6 +16,7 @@ import torch
 from .dit import DiffusionTransformer3D
 from .published import COMPONENTS_REPO, DIT_FILENAME, DIT_REPO, PUBLISHED_DIT_PARAMS
 
+log = logging.getLogger("k4flash")
 # Buffers derived from the config: a file may or may not carry them (docs/model.md "State-dict keys"),
 # we recompute.
 DERIVED_KEYS = ("rope_embeddings.args_0", "rope_embeddings.args_1", "rope_embeddings.args_2")
@@ -210,14 +211,15 @@ def resolve_weight_paths(cache_dir="./weights/", dit_path=None, text_encoder_pat
 
 
 def read_checkpoint(path) -> dict:
-    """A DiT state dict from .safetensors or a torch .pt (weights_only, memory-mapped)."""
+    """A DiT state dict from a torch .pt (weights_only, memory-mapped: tensors are read when touched),
+    or from .safetensors (each tensor read in full; prefer open_checkpoint, which reads per tensor)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"DiT checkpoint {path} does not exist or is not a file")
+    if path.suffix == ".safetensors":
+        source = SafetensorsCheckpoint(path)
+        return {key: source.reader(key)(None, None) for key in source.shapes}
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            return load_file(str(path))
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError:  # pre-zipfile format cannot be memory-mapped
@@ -227,6 +229,74 @@ def read_checkpoint(path) -> dict:
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise CheckpointError(f"DiT checkpoint {path} is not a flat state dict of tensors")
     return state
+
+
+def slice_reader(tensor):
+    """A `read(rows, cols)` over an in-memory (or memory-mapped) tensor: views, so only the block is touched.
+
+    rows / cols: (start, stop) or None for all; the sharded loader (parallel/load.py) reads this way.
+    """
+    def read(rows, cols):
+        view = tensor if rows is None else tensor[rows[0]:rows[1]]
+        return view if cols is None else view[:, cols[0]:cols[1]]
+    return read
+
+
+class SafetensorsCheckpoint:
+    """A .safetensors DiT read one tensor (or one block of it) at a time; the rest of the file stays on disk.
+
+    The file is reopened per read so that no mapping outlives it.
+    """
+
+    def __init__(self, path):
+        from safetensors import safe_open
+
+        self.path, self._open = str(path), safe_open
+        try:
+            with safe_open(self.path, framework="pt") as f:
+                self.shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        except Exception as err:
+            raise CheckpointError(f"cannot read DiT checkpoint {path}: {type(err).__name__}: {err}".splitlines()[0]) \
+                from err
+
+    def reader(self, key):
+        def read(rows, cols):
+            with self._open(self.path, framework="pt") as f:
+                piece = f.get_slice(key)
+                if rows is None and cols is None:
+                    return piece[:]
+                if cols is None:
+                    return piece[rows[0]:rows[1]]
+                return piece[:, cols[0]:cols[1]] if rows is None else piece[rows[0]:rows[1], cols[0]:cols[1]]
+        return read
+
+
+class TorchCheckpoint:
+    """A memory-mapped .pt (weights_only): slicing touches only the pages it reads."""
+
+    def __init__(self, path):
+        self.state = read_checkpoint(path)
+        self.shapes = {k: tuple(v.shape) for k, v in self.state.items()}
+
+    def reader(self, key):
+        return slice_reader(self.state[key])
+
+
+def open_checkpoint(checkpoint_path):
+    """(checkpoint, path): the .safetensors sibling when there is one (no unpickling, per-tensor reads), else
+    the file itself; `checkpoint.shapes` is every key's shape, `checkpoint.reader(key)(rows, cols)` a block."""
+    path = preferred_checkpoint(checkpoint_path)
+    if path.suffix == ".safetensors":
+        return SafetensorsCheckpoint(path), path
+    log.info("reading %s through mmap; `python -m parallel.convert %s` makes a safetensors copy that loads "
+             "per tensor", checkpoint_path, checkpoint_path)
+    return TorchCheckpoint(path), path
+
+
+def check_checkpoint(checkpoint, path, model) -> None:
+    """check_state_dict on the checkpoint's shapes alone (nothing is read)."""
+    check_state_dict({k: torch.empty(s, device="meta") for k, s in checkpoint.shapes.items()}, model.state_dict(),
+                     source=f"DiT checkpoint {path}")
 
 
 def dit_size(state: dict):
@@ -285,13 +355,14 @@ def preferred_checkpoint(checkpoint_path) -> Path:
 
 
 def load_dit(params: dict, checkpoint_path, device="cpu", dtype=torch.float32) -> DiffusionTransformer3D:
-    """Build the DiT on the meta device, load the checkpoint strictly, move, eval."""
+    """Build the DiT on the meta device, check the checkpoint's keys and shapes, read it tensor by tensor
+    into place on `device` in `dtype`, eval. The host never holds more than one tensor beyond the model."""
     with torch.device("meta"):
         model = DiffusionTransformer3D(**params)
-    checkpoint_path = preferred_checkpoint(checkpoint_path)
-    state = read_checkpoint(checkpoint_path)
-    check_state_dict(state, model.state_dict(), source=f"DiT checkpoint {checkpoint_path}")
-    state = {k: v for k, v in state.items() if k not in DERIVED_KEYS}
+    checkpoint, path = open_checkpoint(checkpoint_path)
+    check_checkpoint(checkpoint, path, model)
+    state = {name: checkpoint.reader(name)(None, None).to(device=device, dtype=dtype)
+             for name, _ in model.named_parameters()}
     model.load_state_dict(state, strict=False, assign=True)
     model.init_derived_buffers()  # the RoPE buffers are still meta
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)

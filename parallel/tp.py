@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from k4flash.weights import slice_reader
+
 from . import comm
 
 COLWISE, COLWISE_QKV, ROWWISE, GATHERED = "colwise", "colwise_qkv", "rowwise", "gathered"
@@ -173,14 +175,6 @@ def parallelize_dit(model, mesh):
     model.time_embeddings.register_forward_hook(ModulationGather(gathered, group, world))
     model.tp_degree = world
     return model
-
-
-def slice_reader(tensor):
-    """take_shard's `read` over an in-memory (or memory-mapped) tensor: views, so only the slice is touched."""
-    def read(rows, cols):
-        view = tensor if rows is None else tensor[rows[0]:rows[1]]
-        return view if cols is None else view[:, cols[0]:cols[1]]
-    return read
 
 
 def shard_plan_for(model) -> dict:

@@ -28,11 +28,34 @@ def test_load_round_trip_with_and_without_rope_buffers(tmp_path, state):
     assert not with_rope.training and not any(p.requires_grad for p in with_rope.parameters())
 
 
-def test_safetensors_checkpoint_loads_the_same(tmp_path, state):
+def test_safetensors_checkpoint_loads_the_same_one_tensor_at_a_time(tmp_path, state, monkeypatch):
+    import safetensors
+    import safetensors.torch
+
     path = tmp_path / "dit.safetensors"
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    # Never the whole file at once: load_file is off limits, and every read is of one tensor.
+    monkeypatch.setattr(safetensors.torch, "load_file", lambda *a, **k: pytest.fail("whole-file read"))
+    reads, real_open = [], safetensors.safe_open
+
+    class CountingOpen:
+        def __init__(self, *args, **kwargs):
+            self.handle = real_open(*args, **kwargs)
+
+        def __enter__(self):
+            file = self.handle.__enter__()
+            return type("F", (), {"keys": file.keys, "get_slice": lambda _, key: reads.append(key) or
+                                  file.get_slice(key)})()
+
+        def __exit__(self, *exc):
+            return self.handle.__exit__(*exc)
+
+    monkeypatch.setattr(safetensors, "safe_open", CountingOpen)
     model = load_dit(TINY_DIT_PARAMS, path)
-    torch.testing.assert_close(model.state_dict()["out_layer.out_layer.weight"], state["out_layer.out_layer.weight"])
+    parameters = dict(model.named_parameters())
+    for key, value in parameters.items():
+        torch.testing.assert_close(value, state[key], rtol=0, atol=0)
+    assert reads.count("out_layer.out_layer.weight") == 2  # its shape, then its values: once each
 
 
 def test_missing_key_is_named(tmp_path, state):
