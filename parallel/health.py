@@ -30,6 +30,7 @@ import torch.distributed as dist
 log = logging.getLogger("k4flash")
 HEARTBEAT_INTERVAL_S = 1.0
 STORE_TIMEOUT_S = 5.0
+STOP_TIMEOUT_S = 0.5  # the most RankHealth.stop() waits for the heartbeat thread: far less than a store timeout
 
 
 def is_collective_failure(err: BaseException) -> bool:
@@ -122,8 +123,14 @@ class RankHealth:
             kind = "collective" if is_collective_failure(err) else "error"
         self._set(kind, _first_line(err))
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        """End the heartbeats. The thread wakes at once from its wait between beats and is joined, so no
+        store call of it races the process group's teardown or the exit; one that is stuck in a store
+        call (up to STORE_TIMEOUT_S when the store host is gone) is left behind after timeout_s: it is
+        a daemon, and the exit does not wait for it."""
         self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout_s)
 
     def explain(self, err: BaseException) -> str:
         """Rank 0's one-line account of a multi-rank failure, naming the rank(s) at fault."""

@@ -16,6 +16,7 @@ from k4flash.pipeline import Role, load_pipeline
 from k4flash.vae import decode_latents
 from k4flash.weights import load_dit
 
+from .fetch import fetch_on_rank0
 from .load import load_dit_sharded
 from .runtime import Runtime, init_runtime
 from .vae import parallelize_vae
@@ -47,11 +48,11 @@ class TensorParallelRole(Role):
         return {**device_map, "dit": self.runtime.device}
 
     def fetch_weights(self, resolve, download: bool):
-        # Fetch anything missing once, on rank 0, before the others look for it.
-        if self.runtime.is_main and download:
-            resolve(True)
-        self.runtime.barrier()
-        return resolve(False)
+        # Anything missing is fetched once, on rank 0, while the others wait on the launcher's store: not in
+        # a barrier, which the collective timeout would cut short during a long download.
+        if not download:
+            return resolve(False)
+        return fetch_on_rank0(resolve, self.runtime.rank, self.runtime.world_size)
 
     def load_dit(self, params, checkpoint_path, device, dtype):
         if self.sharded:
@@ -79,5 +80,6 @@ def load_rank_pipeline(*args, runtime: Runtime = None, tp: int = None, vae_paral
     """
     if runtime is None:
         device = normalize_device_map(args[0] if args else kwargs["device_map"])["dit"]
-        runtime = init_runtime("cuda" if device.type == "cuda" else "cpu", tp=tp)
+        # A library call inside the caller's program: its exit is the caller's business.
+        runtime = init_runtime("cuda" if device.type == "cuda" else "cpu", tp=tp, fast_exit=False)
     return load_pipeline(*args, role=TensorParallelRole(runtime, vae_parallel=vae_parallel), **kwargs)

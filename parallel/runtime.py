@@ -5,6 +5,8 @@ Launchers set the environment: torchrun and `python -m torch.distributed.launch`
 export RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT; a plain `python` run has
 none of them and is one rank with no process group at all.
 """
+import atexit
+import gc
 import logging
 import os
 from dataclasses import dataclass
@@ -89,8 +91,41 @@ def validate_world(world: int, tp) -> int:
     return tp
 
 
-def init_runtime(device: str = "auto", timeout_s: float = 600.0, tp=None) -> Runtime:
-    """Join the process group the launcher set up (nccl on GPU, gloo on CPU) and build the (dp, tp) mesh."""
+_EXIT_HOOK_REGISTERED = False
+
+
+def _freeze_heap_at_exit() -> None:
+    gc.freeze()  # every object still alive goes to the permanent generation, which no collection visits
+
+
+def skip_exit_collections() -> None:
+    """At interpreter exit, leave the heap to the operating system instead of garbage-collecting it.
+
+    Python's finalization runs several full collections over every object still alive: with
+    torch, transformers, diffusers and Hydra loaded that is about 0.5 million objects, and
+    1-1.5 s of CPU between a rank's last output and its exit (in every rank at once, so more
+    on a busy machine). An atexit hook freezes the heap first, so those collections find
+    nothing to scan. The other atexit handlers (logging's flush, multiprocessing's queue
+    feeders, weakref finalizers) still run and reference counting still frees objects; only
+    the `__del__` of reference cycles still alive at exit is skipped, which Python does not
+    promise at exit either. Outputs are closed before their "wrote" line, so none is at stake.
+    Idempotent.
+    """
+    global _EXIT_HOOK_REGISTERED
+    if not _EXIT_HOOK_REGISTERED:
+        _EXIT_HOOK_REGISTERED = True
+        atexit.register(_freeze_heap_at_exit)
+
+
+def init_runtime(device: str = "auto", timeout_s: float = 600.0, tp=None, fast_exit: bool = True) -> Runtime:
+    """Join the process group the launcher set up (nccl on GPU, gloo on CPU) and build the (dp, tp) mesh.
+
+    fast_exit: this process is a job's rank, which exits when the job is done: skip the
+    interpreter's exit-time collections (`skip_exit_collections`). Pass False from inside
+    a program that owns its own process lifetime (the library entry point does).
+    """
+    if fast_exit:
+        skip_exit_collections()
     rank, world, local_rank = env_world()
     tp = validate_world(world, tp)
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))

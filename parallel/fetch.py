@@ -1,0 +1,56 @@
+"""Missing weights are downloaded before the process group exists (docs/parallel.md "Mesh and roles").
+
+A download of tens of GB can take longer than any collective timeout, so it must not sit
+behind a barrier of the process group. Rank 0 downloads; the other ranks wait on a key in
+the launcher's key-value store (torchrun's, at MASTER_ADDR:MASTER_PORT), for as long as the
+download takes (`wait_s`, a day by default) and not for `parallel.timeout_s`. A failed
+download is published too, so every rank stops with rank 0's message instead of waiting.
+"""
+import os
+import time
+from datetime import timedelta
+
+DOWNLOAD_WAIT_S = 24 * 3600.0
+POLL_S = 0.5
+
+
+def _store(timeout_s: float):
+    import torch.distributed as dist
+
+    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                         timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
+
+
+def _key(name: str) -> str:
+    run = os.environ.get("TORCHELASTIC_RUN_ID", os.environ.get("SLURM_JOB_ID", "run"))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", os.environ.get("SLURM_RESTART_COUNT", "0"))
+    return f"k4flash/{run}/{attempt}/weights/{name}"
+
+
+def fetch_on_rank0(resolve, rank: int, world_size: int, wait_s: float = DOWNLOAD_WAIT_S):
+    """resolve(download: bool) → WeightPaths, downloading on rank 0 only, before any process group.
+
+    Rank 0 runs resolve(True) and publishes "ok" or its error's one line; the others wait for that,
+    then run resolve(False) (or raise FileNotFoundError with rank 0's message). One process: resolve(True).
+    """
+    if world_size == 1:
+        return resolve(True)
+    store = _store(timeout_s=60.0)
+    if rank == 0:
+        try:
+            paths = resolve(True)
+        except Exception as err:
+            store.set(_key("result"), f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
+            raise
+        store.set(_key("result"), "ok")
+        return paths
+    deadline = time.monotonic() + wait_s
+    # Polled rather than store.wait(): its timeout is the client's, and a short one keeps the check cheap.
+    while not store.check([_key("result")]):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank {rank}: rank 0 did not finish fetching the weights in {wait_s:.0f} s")
+        time.sleep(POLL_S)
+    result = store.get(_key("result")).decode()
+    if result != "ok":
+        raise FileNotFoundError(f"rank 0 could not fetch the weights ({result.removeprefix('error: ')})")
+    return resolve(False)
