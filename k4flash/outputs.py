@@ -44,6 +44,17 @@ def _as_uint8_frames(frames: np.ndarray | torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(frames)
 
 
+IN_FLIGHT = set()  # temporary files being written now
+
+
+def discard_in_flight() -> None:
+    """Remove every temporary file still being written: for a process about to end without unwinding
+    (parallel/health.py's exit from a rank whose main thread is stuck), which runs no `finally`."""
+    for temp_path in list(IN_FLIGHT):
+        with contextlib.suppress(OSError):
+            temp_path.unlink()
+
+
 @contextlib.contextmanager
 def _atomic_target(path: str | Path, overwrite: bool, suffix: str) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success it replaces `path`, on error it is removed.
@@ -56,6 +67,7 @@ def _atomic_target(path: str | Path, overwrite: bool, suffix: str) -> Iterator[P
     path.parent.mkdir(parents=True, exist_ok=True)
     # pid + random part: several ranks/threads may write next to each other at once.
     temp_path = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
+    IN_FLIGHT.add(temp_path)
     try:
         yield temp_path
         os.chmod(temp_path, FILE_MODE)
@@ -65,6 +77,7 @@ def _atomic_target(path: str | Path, overwrite: bool, suffix: str) -> Iterator[P
             _publish_no_clobber(temp_path, path)
     finally:
         # After a successful replace the temp name is gone; otherwise clean up whatever was written.
+        IN_FLIGHT.discard(temp_path)
         with contextlib.suppress(FileNotFoundError):
             temp_path.unlink()
 

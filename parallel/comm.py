@@ -27,9 +27,32 @@ class CommStats:
 STATS = CommStats()
 
 
-def _record(op, tensor):
+class Progress:
+    """How many collectives this process has entered on each process group, never reset.
+
+    The heartbeat thread (parallel/health.py) publishes it: a live rank whose count on a group stays
+    below its peers' for `parallel.timeout_s` never joined a collective they are waiting in. It counts
+    calls, not completions, so it works alike for gloo (which blocks in the call) and NCCL (which
+    queues the call and blocks at a later sync).
+    """
+
+    def __init__(self):
+        self.entered = {}  # process group name → (its global ranks, collectives entered)
+
+    def enter(self, group) -> None:
+        group = group if group is not None else dist.group.WORLD
+        name = dist.distributed_c10d._get_process_group_name(group)
+        ranks, count = self.entered.get(name) or (dist.get_process_group_ranks(group), 0)
+        self.entered[name] = (ranks, count + 1)
+
+
+PROGRESS = Progress()
+
+
+def _record(op, tensor, group):
     STATS.calls[op] = STATS.calls.get(op, 0) + 1
     STATS.bytes += tensor.numel() * tensor.element_size()
+    PROGRESS.enter(group)
 
 
 # torch.compiler.disable: under a compiled DiT the collectives (and their counting)
@@ -37,7 +60,7 @@ def _record(op, tensor):
 @torch.compiler.disable
 def all_reduce_sum(tensor, group) -> torch.Tensor:
     """In-place sum over the group (the row-parallel reduction)."""
-    _record("all_reduce", tensor)
+    _record("all_reduce", tensor, group)
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
     return tensor
 
@@ -49,14 +72,14 @@ def all_gather_last_dim(tensor, group) -> torch.Tensor:
 
 
 def broadcast_from(tensor, src, group=None) -> torch.Tensor:
-    _record("broadcast", tensor)
+    _record("broadcast", tensor, group)
     dist.broadcast(tensor, src=src, group=group)
     return tensor
 
 
 def all_gather_list(tensor, group) -> list:
     """The same-shaped tensor of every rank of the group, in rank order (the VAE's halo rows)."""
-    _record("all_gather", tensor)
+    _record("all_gather", tensor, group)
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, tensor.contiguous(), group=group)
     return parts
@@ -64,7 +87,7 @@ def all_gather_list(tensor, group) -> list:
 
 def gather_to_first(tensor, group):
     """Every rank's same-shaped tensor, in rank order, on the group's first rank; None on the others."""
-    _record("gather", tensor)
+    _record("gather", tensor, group)
     first = dist.get_global_rank(group, 0)
     tensor = tensor.contiguous()
     if dist.get_rank() == first:

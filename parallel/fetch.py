@@ -1,4 +1,5 @@
-"""Missing weights are downloaded before the process group exists (docs/parallel.md "Mesh and roles").
+"""Missing weights are downloaded by rank 0 while the others wait outside the process group
+(docs/parallel.md "Mesh and roles").
 
 A download of tens of GB can take longer than any collective timeout, so it must not sit
 behind a barrier of the process group. Rank 0 downloads; the other ranks wait on a key in

@@ -1,36 +1,53 @@
-"""Which rank failed: heartbeats and error reports through the launcher's key-value store
+"""Which rank failed, decided by a heartbeat thread that does not need a collective to raise
 (docs/parallel.md "Fault model").
 
-When one rank dies, hangs or raises, the others only see a broken or timed-out
-collective, which does not say who is at fault. So every rank of a multi-rank run
-  - bumps a heartbeat counter in the store once a second from a daemon thread,
-  - records what it is doing (`mark("prompt 3")`) from the main thread,
-  - reports its own exception (`report(err)`) before it exits: a broken collective and a
-    stop signal (Ctrl-C, SIGTERM) are symptoms, anything else is an error.
-After a failure rank 0 reads all of it (`explain`) and names the culprit:
-  - a rank that reported an error other than a broken collective raised it,
-  - a rank that reported a stop signal was interrupted (named only when nothing else is),
-  - a rank that reported the broken collective too is a bystander, not named,
-  - a rank that reported nothing and whose heartbeat stopped died (killed, crashed, or frozen),
-  - a rank that reported nothing and is alive is hung outside the collective.
+Under NCCL a collective is queued on the GPU and returns at once; when a peer dies, the host
+blocks at the next sync inside a C call, where no `except` clause and no Python signal
+handler runs. So every rank of a multi-rank run has a daemon thread that, once a second,
+  - bumps its heartbeat counter in the launcher's key-value store and publishes how many
+    collectives it has entered on each process group (parallel.comm.PROGRESS);
+  - watches the peers it shares a process group with (rank 0 watches every rank):
+      a peer that reported an error          → "rank r failed during <stage>: <error>"
+      a peer whose heartbeat stopped          → "rank r died or froze during <stage>" (within DEAD_AFTER_S)
+      a live peer whose collective count on a
+      shared group stays below another's      → "rank r is hung during <stage> (alive, but it never joined
+                                                 the collective)" (after parallel.timeout_s)
+    and publishes the first such verdict;
+  - notices SIGTERM / SIGINT through `signal.set_wakeup_fd` (the C-level handler writes to a pipe
+    that the thread selects on, even while the main thread is stuck in native code), and if the
+    main thread has not unwound within GRACE_S, stops the process itself.
+Acting on a verdict, every rank removes its half-written outputs, rank 0 prints the one `error:`
+line, and each exits with status 3 (os._exit: the main thread may never come back). A failure
+the main thread sees first (gloo raises at once on a dead peer) takes the ordinary path instead:
+`claim()` decides which of the two reports, so exactly one does.
 
-The store is the one the launcher set up at MASTER_ADDR:MASTER_PORT (torchrun's agent
-store, which outlives its workers; with plain env:// rendezvous rank 0 hosts it). Each
-thread opens its own client, and every store call is guarded: diagnostics must never
-turn a failure into a hang.
+The store is the one the launcher set up at MASTER_ADDR:MASTER_PORT (torchrun's agent store,
+which outlives its workers). Each thread has its own client, and every store call is guarded:
+diagnostics must never turn a failure into a hang.
 """
+import contextlib
+import json
 import logging
 import os
+import select
+import signal
+import sys
 import threading
 import time
 from datetime import timedelta
 
 import torch.distributed as dist
 
+from . import comm
+
 log = logging.getLogger("k4flash")
 HEARTBEAT_INTERVAL_S = 1.0
 STORE_TIMEOUT_S = 5.0
 STOP_TIMEOUT_S = 0.5  # the most RankHealth.stop() waits for the heartbeat thread: far less than a store timeout
+DEAD_AFTER_S = 6.0  # no heartbeat for this long: the rank died or is frozen (SIGSTOP, a machine gone)
+GRACE_S = 3.0  # after SIGTERM / SIGINT, how long the main thread has to unwind before the thread exits for it
+EXIT_DISTRIBUTED = 3
+SIGNAL_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
 def is_collective_failure(err: BaseException) -> bool:
@@ -55,40 +72,55 @@ def _connect():
                          timeout=timedelta(seconds=STORE_TIMEOUT_S), wait_for_workers=False)
 
 
+class _Peer:
+    """What the thread last saw of one rank, and since when."""
+
+    def __init__(self):
+        self.beats, self.beat_seen = None, time.monotonic()
+        self.counts, self.counts_seen = {}, time.monotonic()
+
+
 class RankHealth:
-    def __init__(self, rank: int, world_size: int, interval_s: float = HEARTBEAT_INTERVAL_S):
-        self.rank, self.world_size, self.interval_s = rank, world_size, interval_s
+    def __init__(self, rank: int, world_size: int, interval_s: float = HEARTBEAT_INTERVAL_S,
+                 timeout_s: float = 600.0, watch=None, on_exit=None):
+        self.rank, self.world_size, self.interval_s, self.timeout_s = rank, world_size, interval_s, timeout_s
         # One namespace per launch attempt: torchrun restarts and SLURM requeues start clean.
         run = os.environ.get("TORCHELASTIC_RUN_ID", os.environ.get("SLURM_JOB_ID", "run"))
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", os.environ.get("SLURM_RESTART_COUNT", "0"))
         self.prefix = f"k4flash/{run}/{attempt}/"
+        # The ranks this one watches: rank 0 all of them, the others their process groups' members (set by
+        # the caller once the mesh exists) and rank 0.
+        self.watch = sorted(set(watch if watch is not None else range(world_size)) - {rank})
+        self.on_exit = on_exit  # called just before the thread ends the process (remove partial outputs)
         self._stop = threading.Event()
+        self._claim = threading.Lock()
+        self._claimed = False
         self._store = None  # the main thread's client
         self._thread = None
+        self._wakeup = None  # (read fd, write fd) of the signal pipe
+        self._previous_wakeup_fd = None
 
     @classmethod
-    def start(cls, rank: int, world_size: int, interval_s: float = HEARTBEAT_INTERVAL_S):
-        health = cls(rank, world_size, interval_s)
+    def start(cls, rank: int, world_size: int, interval_s: float = HEARTBEAT_INTERVAL_S, **options):
+        health = cls(rank, world_size, interval_s, **options)
         try:
             health._store = _connect()
         except Exception as err:  # no reachable store: run without diagnostics rather than fail
             log.warning("rank %d: no heartbeat store (%s); failures will not name the rank", rank, _first_line(err))
             return health
-        health._thread = threading.Thread(target=health._beat, name="k4flash-heartbeat", daemon=True)
+        if threading.current_thread() is threading.main_thread():
+            read_fd, write_fd = os.pipe()
+            os.set_blocking(write_fd, False)
+            health._wakeup = (read_fd, write_fd)
+            health._previous_wakeup_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        health._thread = threading.Thread(target=health._run, name="k4flash-heartbeat", daemon=True)
         health._thread.start()
         return health
 
-    def _key(self, kind: str, rank: int) -> str:
-        return f"{self.prefix}{kind}/{rank}"
+    def _key(self, kind: str, rank=None) -> str:
+        return f"{self.prefix}{kind}" if rank is None else f"{self.prefix}{kind}/{rank}"
 
-    def _beat(self):
-        try:
-            store = _connect()
-            while not self._stop.is_set():
-                store.add(self._key("beat", self.rank), 1)
-                self._stop.wait(self.interval_s)
-        except Exception:  # the store went away (its host died): nothing left to report to
-            return
+    # -- the main thread's side -------------------------------------------------------------------------
 
     def _set(self, kind: str, value: str) -> None:
         if self._store is None:
@@ -98,16 +130,17 @@ class RankHealth:
         except Exception:
             pass
 
-    def _get(self, kind: str, rank: int):
+    def _get(self, kind: str, rank: int, store=None):
+        store = store or self._store
         try:
             key = self._key(kind, rank)
-            return self._store.get(key).decode() if self._store.check([key]) else None
+            return store.get(key).decode() if store.check([key]) else None
         except Exception:
             return None
 
-    def _beats(self, rank: int):
+    def _beats(self, rank: int, store=None):
         try:
-            return self._store.add(self._key("beat", rank), 0)
+            return (store or self._store).add(self._key("beat", rank), 0)
         except Exception:
             return None
 
@@ -123,17 +156,47 @@ class RankHealth:
             kind = "collective" if is_collective_failure(err) else "error"
         self._set(kind, _first_line(err))
 
-    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
-        """End the heartbeats. The thread wakes at once from its wait between beats and is joined, so no
-        store call of it races the process group's teardown or the exit; one that is stuck in a store
-        call (up to STORE_TIMEOUT_S when the store host is gone) is left behind after timeout_s: it is
-        a daemon, and the exit does not wait for it."""
+    def claim(self) -> bool:
+        """Take the failure report for the main thread; False when the heartbeat thread already acts on one
+        (it ends the process itself: the caller should just wait)."""
+        with self._claim:
+            if self._claimed:
+                return False
+            self._claimed = True
+            return True
+
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S, done: bool = True) -> None:
+        """End the heartbeats (`done`: this rank finished, so its silence is no death). The thread wakes at once
+        and is joined, so none of its store calls races the process group's teardown or the exit; one stuck in a
+        store call (up to STORE_TIMEOUT_S when the store host is gone) is left behind: it is a daemon."""
+        if done:
+            self._set("done", "1")
         self._stop.set()
+        if self._wakeup is not None:
+            with contextlib.suppress(OSError):
+                os.write(self._wakeup[1], b"\0")  # wake the select at once
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout_s)
+        if self._wakeup is not None and threading.current_thread() is threading.main_thread():
+            signal.set_wakeup_fd(self._previous_wakeup_fd if self._previous_wakeup_fd is not None else -1)
+            for fd in self._wakeup:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self._wakeup = None
+
+    def total(self, value: int) -> int:
+        """The sum of `value` over every rank, through the store rather than a collective: a rank that is done
+        waits for the others without a timeout (data-parallel groups may finish hours apart), and its
+        heartbeat thread keeps watching while it waits."""
+        store = self._store
+        store.add(self._key("total"), int(value))
+        store.add(self._key("total-count"), 1)
+        while store.add(self._key("total-count"), 0) < self.world_size:
+            time.sleep(0.05)
+        return int(store.add(self._key("total"), 0))
 
     def explain(self, err: BaseException) -> str:
-        """Rank 0's one-line account of a multi-rank failure, naming the rank(s) at fault."""
+        """Rank 0's one-line account of a failure the main thread saw, naming the rank(s) at fault."""
         own = f"rank {self.rank} saw {_first_line(err)}"
         if self._store is None:
             return own
@@ -151,7 +214,7 @@ class RankHealth:
                 causes.append(f"rank {r} failed{where}: {error}")
             elif stopped is not None:
                 stopped_ranks.append(f"rank {r} was stopped{where} ({stopped})")
-            elif self._get("collective", r) is not None:
+            elif self._get("collective", r) is not None or self._get("done", r) is not None:
                 continue  # it saw the same broken collective (and may have exited since): a symptom
             elif after[r] is None or after[r] == before[r]:
                 causes.append(f"rank {r} died or froze{where} (no heartbeat for {2.5 * self.interval_s:.1f} s)")
@@ -162,3 +225,154 @@ class RankHealth:
         if not causes:
             return f"{own}; no other rank reported a cause"
         return "; ".join(causes) + f" ({own})"
+
+    # -- the heartbeat thread -------------------------------------------------------------------------------
+
+    def _run(self):
+        try:
+            store = _connect()
+        except Exception:  # the store went away (its host died): nothing left to report to
+            return
+        peers = {r: _Peer() for r in self.watch}
+        signal_seen = None
+        while not self._stop.is_set():
+            with contextlib.suppress(Exception):
+                store.add(self._key("beat", self.rank), 1)
+                store.set(self._key("entered", self.rank), json.dumps(_progress()))
+            signum = self._wait_for_signal()
+            if signum is not None and signal_seen is None:
+                signal_seen = (signum, time.monotonic())
+            if self._stop.is_set():
+                return
+            try:
+                if signal_seen is not None and time.monotonic() - signal_seen[1] > GRACE_S:
+                    self._exit_on_signal(signal_seen[0], store, peers)
+                verdict = self._published_verdict(store)
+                if verdict is None:
+                    verdict = self._judge(store, peers)
+                    if verdict is not None:
+                        verdict = self._publish(store, verdict)
+                if verdict is not None:
+                    self._exit(verdict, EXIT_DISTRIBUTED)
+            except Exception as err:  # a diagnostic must never stop watching (nor raise into the process)
+                log.debug("rank %d heartbeat: %s", self.rank, _first_line(err))
+
+    def _wait_for_signal(self):
+        """Sleep one interval, or less when a signal arrives; the signal's number, or None."""
+        if self._wakeup is None:
+            self._stop.wait(self.interval_s)
+            return None
+        ready, _, _ = select.select([self._wakeup[0]], [], [], self.interval_s)
+        if not ready:
+            return None
+        with contextlib.suppress(OSError):
+            data = os.read(self._wakeup[0], 64)
+            numbers = [n for n in data if n in SIGNAL_STATUS]
+            return numbers[0] if numbers else None
+        return None
+
+    def _published_verdict(self, store):
+        with contextlib.suppress(Exception):
+            if store.check([self._key("verdict")]):
+                return store.get(self._key("verdict")).decode()
+        return None
+
+    def _publish(self, store, verdict: str) -> str:
+        """The first verdict published wins (one rank's view, not two conflicting ones)."""
+        with contextlib.suppress(Exception):
+            if store.add(self._key("verdict-claim"), 1) == 1:
+                store.set(self._key("verdict"), verdict)
+                return verdict
+            deadline = time.monotonic() + STORE_TIMEOUT_S
+            while time.monotonic() < deadline and not store.check([self._key("verdict")]):
+                time.sleep(0.05)
+            return store.get(self._key("verdict")).decode()
+        return verdict
+
+    def _judge(self, store, peers, dead_after_s: float = DEAD_AFTER_S):
+        """The first fault among the watched ranks, as a one-line verdict, or None."""
+        now = time.monotonic()
+        counts = {}
+        for r, peer in peers.items():
+            stage = self._get("stage", r, store)
+            where = f" during {stage}" if stage else ""
+            error = self._get("error", r, store)
+            if error is not None:
+                return f"rank {r} failed{where}: {error}"
+            if self._get("done", r, store) is not None:
+                continue
+            beats = self._beats(r, store)
+            if beats is not None and beats != peer.beats:
+                peer.beats, peer.beat_seen = beats, now
+            elif peer.beats is not None and now - peer.beat_seen > dead_after_s:
+                return f"rank {r} died or froze{where} (no heartbeat for {now - peer.beat_seen:.0f} s)"
+            entered = self._get("entered", r, store)
+            if entered is not None:
+                peer_counts = {name: count for name, (_, count) in json.loads(entered).items()}
+                if peer_counts != peer.counts:
+                    peer.counts, peer.counts_seen = peer_counts, now
+                counts[r] = json.loads(entered)
+        counts[self.rank] = _progress()
+        for r, peer in peers.items():
+            if r in counts and now - peer.counts_seen > self.timeout_s and self._behind(r, counts):
+                stage = self._get("stage", r, store)
+                where = f" during {stage}" if stage else ""
+                return f"rank {r} is hung{where} (alive, but it never joined the collective)"
+        return None
+
+    @staticmethod
+    def _behind(rank: int, counts: dict) -> bool:
+        """Whether another member of one of `rank`'s process groups has entered more collectives on it."""
+        groups = {}
+        for per_rank in counts.values():
+            for name, (ranks, _) in per_rank.items():
+                groups[name] = ranks
+        for name, ranks in groups.items():
+            if rank not in ranks:
+                continue
+            mine = counts.get(rank, {}).get(name, [ranks, 0])[1]
+            if any(counts.get(r, {}).get(name, [ranks, 0])[1] > mine for r in ranks if r in counts):
+                return True
+        return False
+
+    def _exit_on_signal(self, signum, store, peers):
+        """The main thread did not unwind after SIGTERM / SIGINT (it is stuck in native code): exit for it,
+        naming a rank at fault when rank 0 knows one (the launcher stops the survivors of a death)."""
+        # A launcher stops the survivors of a rank's death at once: a peer silent since the signal is that rank.
+        verdict = self._published_verdict(store) or self._judge(store, peers, dead_after_s=GRACE_S - self.interval_s)
+        if verdict is not None:
+            self._exit(verdict, EXIT_DISTRIBUTED)
+        self._set("stopped", f"received {signal.Signals(signum).name}")
+        self._exit(f"terminated (received {signal.Signals(signum).name}); finished outputs are kept, "
+                   f"re-run to resume", SIGNAL_STATUS[signum], prefix="")
+
+    def _exit(self, message: str, status: int, prefix: str = "distributed run failed: "):
+        if not self.claim():
+            return  # the main thread is reporting this failure itself
+        if self.rank == 0:
+            print(f"error: {prefix}{message}", file=sys.stderr, flush=True)
+        if self.on_exit is not None:
+            with contextlib.suppress(Exception):
+                self.on_exit()
+        _abort_process_group()
+        os._exit(status)
+
+
+def _progress() -> dict:
+    """This rank's collectives entered per group, JSON-ready; a copy, as the main thread adds to it meanwhile."""
+    return {name: [ranks, count] for name, (ranks, count) in list(comm.PROGRESS.entered.items())}
+
+
+def _abort_process_group(wait_s: float = 2.0) -> None:
+    """Abort the communicators (NCCL frees them and stops its watchdog) without waiting on a dead peer."""
+    abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+    if abort is None or not dist.is_initialized():
+        return
+
+    def try_abort():
+        with contextlib.suppress(Exception):
+            abort()
+
+    thread = threading.Thread(target=try_abort, daemon=True)  # in case a backend's abort itself blocks
+    thread.start()
+    thread.join(wait_s)

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from k4flash.devices import resolve_device
 
 from . import comm
+from .degrees import env_world, validate_world  # noqa: F401 (env_world: re-exported)
 
 log = logging.getLogger("k4flash")
 
@@ -66,30 +67,30 @@ class Runtime:
         if self.distributed:
             dist.barrier()
 
-    def sum_over_ranks(self, value: int) -> int:
-        if not self.distributed:
-            return value
-        total = torch.tensor([value], device=self.device)
-        dist.all_reduce(total)
-        return int(total.item())
+    def peers(self) -> list:
+        """The ranks whose health this rank watches (parallel/health.py): all of them from rank 0, else the
+        ranks it shares collectives with (its TP group) and rank 0."""
+        if self.is_main:
+            return list(range(self.world_size))
+        if self.tp_mesh is None:
+            return [0]
+        return sorted(set(dist.get_process_group_ranks(self.tp_mesh.get_group())) | {0})
 
 
-def env_world() -> tuple:
-    """(rank, world_size, local_rank) from the launcher's environment."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    return rank, world, local_rank
-
-
-def validate_world(world: int, tp) -> int:
-    """The TP degree for this world size (tp=None: all ranks); raises when W is not a multiple of tp."""
-    tp = world if tp is None else tp
-    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1 or world % tp:
-        allowed = [k for k in range(1, world + 1) if world % k == 0]
-        raise ValueError(f"parallel.tp={tp!r} does not divide the world size {world}; allowed: {allowed}")
-    return tp
-
+BACKSTOP_S = 30.0
+# The NCCL environment a production job wants (docs/parallel.md "Fault model"):
+NCCL_ENV = {
+    # A collective that times out or fails: the watchdog aborts the communicators and ends the process
+    # (the default, stated): the backstop if the heartbeat thread could not act first.
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+    # ...and first dumps the flight recorder (the last collectives of every rank, to
+    # TORCH_NCCL_DEBUG_INFO_TEMP_FILE, /tmp/nccl_trace_rank_<r> by default), which needs a trace buffer.
+    "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+    "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000",
+    # No blocking wait: it would make every collective hold the host until the GPU finishes, serialising
+    # the step. Failures are the heartbeat thread's to find, not a raising wait's.
+    "TORCH_NCCL_BLOCKING_WAIT": "0",
+}
 
 _EXIT_HOOK_REGISTERED = False
 
@@ -139,13 +140,25 @@ def init_runtime(device: str = "auto", timeout_s: float = 600.0, tp=None, fast_e
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl":
+        for name, value in NCCL_ENV.items():  # read when the group forms; a user's own setting wins
+            os.environ.setdefault(name, value)
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s),
+        # The heartbeat thread (parallel/health.py) names a rank that never joins after timeout_s; the
+        # group's own timeout is the backstop behind it, so that NCCL's watchdog does not abort first.
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s + BACKSTOP_S),
                                 device_id=device if device.type == "cuda" else None)
-    from torch.distributed.device_mesh import init_device_mesh
-    mesh = init_device_mesh(device.type, (world // tp, tp), mesh_dim_names=("dp", "tp"))
-    return Runtime(rank, world, local_rank, device, mesh["tp"], dp_rank=mesh["dp"].get_local_rank(),
-                   dp_size=world // tp)
+    # Communicators cost GPU memory and start-up time: make only the TP groups. One TP group is the world's
+    # own group; pure data parallelism needs none (its groups never talk during generation).
+    from torch.distributed.device_mesh import DeviceMesh
+    if tp == 1:
+        return Runtime(rank, world, local_rank, device, None, dp_rank=rank, dp_size=world)
+    if tp == world:
+        tp_group = dist.group.WORLD
+    else:
+        tp_group, _ = dist.new_subgroups(group_size=tp)  # consecutive ranks; collective over the world
+    tp_mesh = DeviceMesh.from_group(tp_group, device.type, mesh_dim_names=("tp",))
+    return Runtime(rank, world, local_rank, device, tp_mesh, dp_rank=rank // tp, dp_size=world // tp)
 
 
 def shutdown_runtime() -> None:

@@ -26,6 +26,7 @@ from torch import nn
 from k4flash.weights import slice_reader
 
 from . import comm
+from .degrees import allowed_tp_degrees, validate_tp_degree  # noqa: F401 (re-exported)
 
 COLWISE, COLWISE_QKV, ROWWISE, GATHERED = "colwise", "colwise_qkv", "rowwise", "gathered"
 
@@ -44,21 +45,6 @@ def dit_tp_plan(num_blocks: int) -> dict:
             plan[f"{block}.text_modulation.out_layer"] = GATHERED
     plan["out_layer.modulation_out"] = GATHERED
     return plan
-
-
-def allowed_tp_degrees(params: dict, limit: int = 64) -> list:
-    """TP degrees that split heads, ff_dim and every sharded width evenly."""
-    heads = params["model_dim"] // sum(params["axes_dims"])
-    widths = (heads, params["ff_dim"], params["model_dim"], 6 * params["model_dim"])
-    return [k for k in range(1, limit + 1) if all(w % k == 0 for w in widths)]
-
-
-def validate_tp_degree(params: dict, tp: int) -> None:
-    heads = params["model_dim"] // sum(params["axes_dims"])
-    allowed = allowed_tp_degrees(params)
-    if tp not in allowed:
-        raise ValueError(f"tensor-parallel degree {tp} does not divide the DiT (heads={heads}, "
-                         f"ff_dim={params['ff_dim']}, model_dim={params['model_dim']}); allowed degrees: {allowed}")
 
 
 def shard_rows(style, rows: int, rank: int, world: int) -> list:

@@ -27,6 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from k4flash.geometry import RESOLUTIONS, VAE_SPATIAL_FACTOR
 from k4flash.vae import decode_scaled, scaled_latents, to_uint8_frames
 
 from . import comm
@@ -97,9 +98,13 @@ class RowParallelVAE:
     `band` is set only during `decode`; outside it the wrapped VAE decodes alone as before.
     """
 
-    def __init__(self, vae, groups: dict, index: int, rank: int):
+    def __init__(self, vae, groups: dict, index: int, rank: int, make_group=None):
         self.vae = vae
         self.groups = groups  # number of ranks used → the process group of this TP group's first that many
+        self.size = max(groups)  # the TP group's size
+        # make_group(k) → the group of the first k ranks, made when a geometry first needs it (every rank of the
+        # job is in this decode); None: `groups` already holds every size the allowed geometries use.
+        self.make_group = make_group
         self.index = index  # this rank's position in its TP group
         self.rank = rank
         self.band: _Band | None = None
@@ -180,11 +185,15 @@ class RowParallelVAE:
             raise ValueError("row-parallel VAE decode is exact only without tiling; call vae.disable_tiling()")
         z = scaled_latents(vae, latents)  # (B, 16, F, h, w) on every rank, bit-identical to the one-rank input
         height = z.shape[-2]
-        size = ranks_for_height(height, max(self.groups))
-        if size < max(self.groups) and self.rank == 0 and height not in self._warned_heights:
+        size = ranks_for_height(height, self.size)
+        if size < self.size and self.rank == 0 and height not in self._warned_heights:
             self._warned_heights.add(height)
             log.warning("VAE decode: latent height %d does not divide by the %d ranks of the TP group; "
-                        "decoding on %d rank(s), the largest divisor", height, max(self.groups), size)
+                        "decoding on %d rank(s), the largest divisor", height, self.size, size)
+        if size not in self.groups:
+            if self.make_group is None:
+                raise ValueError(f"no process group of {size} ranks for a latent height of {height}")
+            self.groups[size] = self.make_group(size)  # collective: before any rank returns below
         if self.index >= size:
             return None
         if size == 1:
@@ -206,8 +215,15 @@ class RowParallelVAE:
         return None if parts is None else torch.cat(parts, dim=2).cpu()  # (B, T, H, W, 3)
 
 
-def _prefix_groups(runtime) -> dict:
-    """{k: process group of the first k ranks of this rank's TP group} for k = 2 … tp.
+def band_sizes(tp: int) -> set:
+    """How many ranks decode, for every allowed geometry, other than 1 and the whole TP group (which need no
+    group of their own): e.g. {4, 6, 7} at tp = 8, none at tp = 2 or 4."""
+    heights = {height // VAE_SPATIAL_FACTOR for sizes in RESOLUTIONS.values() for height, _ in sizes}
+    return {ranks_for_height(h, tp) for h in heights} - {1, tp}
+
+
+def _prefix_groups(runtime, sizes) -> dict:
+    """{k: process group of the first k ranks of this rank's TP group} for each k in `sizes`.
 
     new_group is collective over the whole world, so every rank creates every TP group's prefixes here,
     once, in the same order; at decode time each TP group then uses only its own ranks (data-parallel
@@ -219,8 +235,8 @@ def _prefix_groups(runtime) -> dict:
     firsts = range(0, world, tp)
     if my_ranks not in [list(range(first, first + tp)) for first in firsts]:
         raise ValueError(f"row-parallel VAE decode expects TP groups of consecutive ranks; this one is {my_ranks}")
-    groups = {tp: tp_group}
-    for size in range(2, tp):
+    groups = {}
+    for size in sorted(sizes):
         for first in firsts:
             group = dist.new_group(list(range(first, first + size)))
             if first == my_ranks[0]:
@@ -231,11 +247,20 @@ def _prefix_groups(runtime) -> dict:
 def parallelize_vae(vae, runtime) -> RowParallelVAE:
     """Wrap `vae` (an AutoencoderKLCogVideoX, same weights on every rank) for decode_latents_parallel.
 
-    Collective: every rank of the job calls it, in the same order relative to other group creation.
+    Collective: every rank of the job calls it, in the same order relative to other group creation. The
+    smaller groups a geometry may need are communicators (GPU memory, start-up time), so none is made up
+    front for one TP group (it is made at its first use, when every rank of the job decodes together), and
+    with several TP groups only those the allowed geometries use.
     """
     if getattr(vae, "_k4flash_row_parallel", None) is not None:
         raise ValueError("this VAE is already parallelized")
-    groups = _prefix_groups(runtime) if runtime.tp_size > 1 else {1: None}
+    if runtime.tp_size == 1:
+        return RowParallelVAE(vae, {1: None}, 0, runtime.rank)
+    groups = {runtime.tp_size: runtime.tp_mesh.get_group()}
+    if runtime.dp_size == 1:
+        return RowParallelVAE(vae, groups, runtime.tp_rank, runtime.rank,
+                              make_group=lambda size: dist.new_group(list(range(size))))
+    groups.update(_prefix_groups(runtime, band_sizes(runtime.tp_size)))
     return RowParallelVAE(vae, groups, runtime.tp_rank, runtime.rank)
 
 

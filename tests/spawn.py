@@ -19,14 +19,14 @@ def free_port():
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, fn, args, queue, device):
+def _worker(rank, world, port, fn, args, queue, device, tp):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
     import torch
     torch.set_num_threads(1)
     from parallel.runtime import init_runtime, shutdown_runtime
     try:
-        runtime = init_runtime(device, timeout_s=120)
+        runtime = init_runtime(device, timeout_s=120, tp=tp)
         # plain pickle copies tensors: torch's shared-memory handles die with the child
         queue.put((rank, pickle.dumps(fn(runtime, *args)), None))
     except BaseException:  # report, don't hang the parent
@@ -35,7 +35,7 @@ def _worker(rank, world, port, fn, args, queue, device):
         shutdown_runtime()
 
 
-def run_ranks(world, fn, *args, timeout=300, device="cpu"):
+def run_ranks(world, fn, *args, timeout=300, device="cpu", tp=None):
     """fn(runtime, *args) on `world` ranks; returns the per-rank results in rank order.
 
     device="cuda": rank r on cuda:r over NCCL (benchmarks on a GPU node); default gloo CPU ranks.
@@ -43,7 +43,7 @@ def run_ranks(world, fn, *args, timeout=300, device="cpu"):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, fn, args, queue, device)) for r in range(world)]
+    procs = [ctx.Process(target=_worker, args=(r, world, port, fn, args, queue, device, tp)) for r in range(world)]
     for p in procs:
         p.start()
     results = {}

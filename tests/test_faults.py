@@ -6,10 +6,12 @@ rank 0's one `error:` line names the rank at fault, and no output file (or tempo
 file) is left behind.
 """
 import os
+import queue
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -110,3 +112,85 @@ def test_a_batch_killed_mid_video_resumes_without_loss_or_redo(tmp_path, tiny_ca
                                                  for ext in ("json", "png"))
     for name, mtime in first.items():  # the finished video was not redone
         assert (tmp_path / "out" / name).stat().st_mtime_ns == mtime
+
+
+def _exited(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    # A zombie (exited, not yet reaped by its parent) counts as exited.
+    return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+
+
+@pytest.mark.parametrize("fault, blocked, stop_launcher, status, message", [
+    # A peer killed / frozen while rank 0 waits for it in a collective that never returns or raises.
+    ("kill:1:2", "0", False, 3, r"^error: distributed run failed: rank 1 died or froze during prompt 0"),
+    ("stop:1:2", "0", False, 3, r"^error: distributed run failed: rank 1 died or froze during prompt 0"),
+    # Both ranks stuck in native code when the launcher is told to stop (SLURM's scancel, a Ctrl-C to torchrun).
+    ("block:1:2", "0", True, 143, r"^error: terminated \(received SIGTERM\); finished outputs are kept"),
+])
+def test_nccl_like_faults_with_the_main_thread_stuck_in_native_code(tmp_path, tiny_cache, fault, blocked,
+                                                                   stop_launcher, status, message):
+    """The NCCL situation on gloo: the survivors' main threads block in a C call that neither returns nor
+    raises (tests/fault_worker.py, K4FLASH_TEST_NATIVE_BLOCK), so no `except` and no signal handler runs;
+    parallel.timeout_s=600 is far away. The heartbeat thread must name the culprit and end every process
+    within 60 s, leaving no partial output."""
+    env = dict(_env(tiny_cache, fault), K4FLASH_TEST_NATIVE_BLOCK=blocked)
+    command = [sys.executable, "-m", "k4flash.app.launch", "--nproc-per-node", "2", "--master-port",
+               str(free_port()), str(WORKER), *IMAGE, "save_path=out/v.mp4", "parallel.timeout_s=600"]
+    launcher = subprocess.Popen(command, cwd=tmp_path, env=dict(env, PYTHONPATH=str(ENTRY.parent)),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    lines = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line.rstrip("\n")) for line in launcher.stderr], daemon=True).start()
+    seen, pids, fault_at, stopped = [], set(), None, False
+    deadline = time.time() + 240
+    while launcher.poll() is None and time.time() < deadline:
+        try:
+            line = lines.get(timeout=0.5)
+        except queue.Empty:
+            continue
+        seen.append(line)
+        found = re.search(r"fault_worker: .* at t=([0-9.]+) pid=(\d+)", line)
+        if found:
+            fault_at = fault_at or float(found.group(1))
+            pids.add(int(found.group(2)))
+        if stop_launcher and len(pids) == 2 and not stopped:
+            time.sleep(1.0)
+            launcher.send_signal(signal.SIGTERM)
+            stopped = True
+    if launcher.poll() is None:
+        os.killpg(launcher.pid, signal.SIGKILL)
+    launcher.wait(timeout=60)
+    exited = time.time()
+    time.sleep(0.5)
+    while not lines.empty():
+        seen.append(lines.get())
+    lines = seen
+    stderr = "\n".join(lines)
+    assert fault_at is not None, stderr[-3000:]
+    assert exited - fault_at < 60, f"{exited - fault_at:.1f} s from the fault to the launcher's exit"
+    assert all(_exited(pid) for pid in pids), f"a rank outlived the launcher: {pids}"
+    assert launcher.returncode == status, stderr[-3000:]
+    errors = [line for line in lines if line.startswith("error:")]
+    print(f"\n{fault} (blocked: rank {blocked}): exit {status} {exited - fault_at:.1f} s after the fault: {errors}")
+    assert len(errors) == 1 and re.search(message, errors[0]), stderr[-3000:]
+    assert leftovers(tmp_path / "out") == []
+
+
+def test_a_rank_raising_mid_prompt_in_a_tp_batch_fails_the_run_without_mixing_collectives(tmp_path, tiny_cache):
+    """Batch mode, tp = 2: rank 1 raises in the middle of prompt 0 while rank 0 waits in that prompt's
+    collectives. Counting it as one failed prompt and going on would pair rank 1's next collective (prompt 1's
+    text broadcast) with rank 0's pending one. Instead the run stops: exit 3, rank 1 named, nothing written."""
+    (tmp_path / "prompts.txt").write_text("a red square\na blue circle\na green triangle\n")
+    command = [sys.executable, "-m", "k4flash.app.launch", "--nproc-per-node", "2", "--master-port",
+               str(free_port()), str(WORKER), *IMAGE, "prompts_file=prompts.txt", "output_dir=out",
+               f"parallel.timeout_s={TIMEOUT_S}"]
+    result = subprocess.run(command, cwd=tmp_path, env=dict(_env(tiny_cache, "raise:1:2"), PYTHONPATH=str(ENTRY.parent)),
+                            capture_output=True, text=True, timeout=300, start_new_session=True)
+    assert result.returncode == 3, result.stderr[-3000:]
+    errors = error_lines(result)
+    assert len(errors) == 1 and errors[0].startswith(
+        "error: distributed run failed: rank 1 failed during prompt 0: MemoryError: injected: out of memory"), \
+        result.stderr[-3000:]
+    assert leftovers(tmp_path / "out") == []

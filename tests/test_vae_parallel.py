@@ -277,3 +277,35 @@ def test_layers_the_row_split_cannot_make_exact_are_refused(change):
     assert not any(isinstance(m, RowShardedGroupNorm) for m in vae.modules())
     assert paddings == [m.padding for m in vae.decoder.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))]
     assert not any(m._forward_pre_hooks for m in vae.modules()) and not hasattr(vae, "_k4flash_row_parallel")
+
+
+def _groups_made(runtime, heights):
+    """Process groups this rank is in: after the mesh, after parallelize_vae, and after decodes at `heights`."""
+    import torch.distributed as dist
+
+    from parallel.vae import decode_latents_parallel, parallelize_vae
+
+    def count():
+        return len(dist.distributed_c10d._world.pg_map)
+
+    counts = [count()]
+    vae = build_vae("tiny")
+    parallelize_vae(vae, runtime)
+    counts.append(count())
+    for height in heights:
+        decode_latents_parallel(vae, torch.zeros(1, height, 4, 16))
+        counts.append(count())
+    return counts
+
+
+@pytest.mark.parametrize("world, tp, heights, expected", [
+    # One TP group is the world's own group; the group of 3 ranks (h = 6 on 4) is made once, at first use,
+    # and only ranks 0-2 are in it.
+    (4, 4, [8, 6, 6], [[1, 1, 1, 2, 2]] * 3 + [[1, 1, 1, 1, 1]]),
+    (4, 2, [8], [[2, 2, 2]] * 4),  # the world's group and this rank's TP group; tp = 2 needs no smaller one
+    (4, 1, [], [[1, 1]] * 4),  # pure data parallelism: no group beyond the world's
+])
+def test_communicators_are_made_only_where_needed(world, tp, heights, expected):
+    """Groups per rank, counted (each is an NCCL communicator on GPU). Before: 4 at (4, tp 4), 3 at (4, tp 2),
+    2 at (4, tp 1), 8 at (8, tp 8): a TP group duplicating the world, and every smaller VAE group up front."""
+    assert run_ranks(world, _groups_made, heights, tp=tp) == expected

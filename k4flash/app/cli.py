@@ -1,7 +1,8 @@
 """What `run_inference_distil.py` does with its Hydra config: check, load, generate, write.
 
 Every check that can fail on user input runs before any weights load, and a failure
-is one line on stderr with exit status 2.
+is one line on stderr with exit status 2. The checks that need no torch run before torch,
+transformers or diffusers is imported, so bad input is refused in about a second.
 """
 import logging
 import os
@@ -13,12 +14,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from k4flash.devices import resolve_device, resolve_dtype
 from k4flash.geometry import validate_request, validate_seed
-from k4flash.sampler import NonFiniteLatentsError
-from k4flash.weights import CheckpointError
-from parallel.health import RankHealth, is_collective_failure
-from parallel.runtime import env_world, init_runtime, shutdown_runtime, validate_world
+from parallel.degrees import env_world, validate_tp_degree, validate_world
 
 from .batch import Job, read_prompts_file
 from .config import unknown_keys
@@ -146,7 +143,6 @@ def validate_parallel(cfg) -> int:
     try:
         tp = validate_world(world, cfg.parallel.tp)
         if tp > 1:
-            from parallel.tp import validate_tp_degree
             validate_tp_degree(OmegaConf.to_container(cfg.model.dit_params), tp)
     except ValueError as err:
         raise UsageError(str(err)) from None
@@ -159,6 +155,10 @@ def generate_from_config(cfg) -> int:
     started = time.perf_counter()
     jobs = plan_jobs(cfg)
     validate_parallel(cfg)
+    from k4flash.devices import resolve_device, resolve_dtype  # torch: only past the checks that need none
+    from parallel.health import RankHealth
+    from parallel.runtime import init_runtime
+
     device = resolve_device(cfg.device, env_world()[2])
     dtype = resolve_dtype(cfg.dtype, device)
     batch = bool(cfg.prompts_file)
@@ -172,7 +172,11 @@ def generate_from_config(cfg) -> int:
 
     # 2. Join the (dp, tp) mesh, with heartbeats so that a failure names the rank at fault.
     runtime = init_runtime(cfg.device, cfg.parallel.timeout_s, tp=cfg.parallel.tp)
-    health = RankHealth.start(runtime.rank, runtime.world_size) if runtime.distributed else None
+    health = None
+    if runtime.distributed:
+        from k4flash.outputs import discard_in_flight
+        health = RankHealth.start(runtime.rank, runtime.world_size, timeout_s=cfg.parallel.timeout_s,
+                                  watch=runtime.peers(), on_exit=discard_in_flight)
     try:
         failed = _generate(cfg, runtime, dtype, weights_dir, todo, health)
         if batch and runtime.is_main:
@@ -185,12 +189,24 @@ def generate_from_config(cfg) -> int:
             raise
         _UNWINDING.set()  # torchrun SIGTERMs the survivors when a rank dies: finish naming it first
         health.report(err)
-        if runtime.is_main and (is_collective_failure(err) or isinstance(err, Terminated)):
+        if not health.claim():  # the heartbeat thread is already ending the process with its verdict
+            threading.Event().wait()
+        if runtime.is_main and _is_distributed_failure(err):
             raise DistributedFailure(health.explain(err)) from err
         raise
     finally:
         if health is not None:
             health.stop()
+
+
+def _is_distributed_failure(err: BaseException) -> bool:
+    """What rank 0 reports as a multi-rank failure (exit 3, the culprit named): a broken collective, SIGTERM,
+    or an error on a rank that is not bad input, a failed prompt (non-finite latents) or Ctrl-C."""
+    from parallel.health import is_collective_failure
+
+    if is_collective_failure(err) or isinstance(err, Terminated):
+        return True
+    return not isinstance(err, INPUT_ERRORS + (FloatingPointError, KeyboardInterrupt, DistributedFailure))
 
 
 def _written_log(runtime) -> logging.Logger:
@@ -227,22 +243,42 @@ def _generate(cfg, runtime, dtype, weights_dir, todo, health) -> int:
         try:
             generation = pipe.generate(job.prompt, job.time_length, job.width, job.height, job.seed,
                                        progress=cfg.progress)
-            if pipe.is_group_main:
+        except FloatingPointError as err:  # non-finite latents: every rank of the group has the same ones
+            if not batch:
+                raise
+            failed += _prompt_failed(job, err)
+            continue
+        # Anything else raised in generate() fails the run: on a TP group one rank may have raised between
+        # collectives that its peers are still in, and its next collective would pair with theirs.
+        if pipe.is_group_main:
+            try:  # after every collective of the prompt: a failure here is this prompt's alone
                 generation.timings["load_s"] = load_s
                 written = pipe.write_outputs(generation, job.save_path, save_latents=cfg.save_latents,
                                              overwrite=overwrite, extra_metadata={**metadata, "index": job.index})
                 written_log.info("wrote %s (%s)", written,
                                  ", ".join(f"{k} {v:.2f}" for k, v in generation.timings.items()))
-        except Exception as err:  # one bad prompt must not sink the batch
-            if not batch or is_collective_failure(err):
-                raise  # a rank is gone: not a per-prompt failure
-            failed += 1
-            log.error("prompt %d (%.60r) failed: %s: %s", job.index, job.prompt, type(err).__name__, err)
-    return runtime.sum_over_ranks(failed if pipe.is_group_main else 0)
+            except (OSError, ValueError) as err:  # one unwritable output must not sink the batch
+                if not batch:
+                    raise
+                failed += _prompt_failed(job, err)
+    failed = failed if pipe.is_group_main else 0
+    return health.total(failed) if health is not None else failed
 
 
-INPUT_ERRORS = (UsageError, ValueError, FileNotFoundError, FileExistsError, CheckpointError)
+def _prompt_failed(job, err) -> int:
+    log.error("prompt %d (%.60r) failed: %s: %s", job.index, job.prompt, type(err).__name__, err)
+    return 1
+
+
+INPUT_ERRORS = (UsageError, ValueError, FileNotFoundError, FileExistsError)
 EXIT_INPUT, EXIT_FAILED, EXIT_DISTRIBUTED, EXIT_SIGINT, EXIT_SIGTERM = 2, 1, 3, 130, 143
+
+
+def _shutdown_if_started() -> None:
+    """Destroy the process group if one was formed; bad input never imported parallel/ (nor torch) to check."""
+    if "parallel.runtime" in sys.modules:
+        from parallel.runtime import shutdown_runtime
+        shutdown_runtime()
 
 
 def run(cfg) -> None:
@@ -268,7 +304,7 @@ def run(cfg) -> None:
             code, message = EXIT_FAILED, f"{failed} prompt(s) failed; re-run the same command to retry them"
     except INPUT_ERRORS as err:
         code, message = EXIT_INPUT, str(err)
-    except NonFiniteLatentsError as err:
+    except FloatingPointError as err:  # k4flash.sampler.NonFiniteLatentsError: the latents hold NaN/inf
         code, message = EXIT_FAILED, str(err)
     except DistributedFailure as err:
         code, message = EXIT_DISTRIBUTED, f"distributed run failed: {err}"
@@ -277,14 +313,20 @@ def run(cfg) -> None:
     except Terminated as err:
         code, message = EXIT_SIGTERM, f"terminated ({err}); finished outputs are kept, re-run to resume"
     except Exception as err:
+        from parallel.health import is_collective_failure
+
         if not is_collective_failure(err):
             raise
         code, message = EXIT_DISTRIBUTED, f"distributed run failed: {str(err).splitlines()[0]}"
     finally:
         if on_main_thread:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        shutdown_runtime()
+        _shutdown_if_started()
     if code:
         if is_main:
-            print(f"error: {message}", file=sys.stderr)
+            print(f"error: {message}", file=sys.stderr, flush=True)
+        elif code == EXIT_INPUT:
+            # Every rank refuses bad input at once; the first to exit makes torchrun SIGTERM the others, which
+            # would cut rank 0 off before its line. The other ranks leave rank 0 a moment to print it.
+            time.sleep(1.0)
         sys.exit(code)

@@ -61,6 +61,7 @@ def _quiet_agent_logs() -> None:
 
 
 def main(argv=None) -> int:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
@@ -75,6 +76,8 @@ def main(argv=None) -> int:
         if message:
             print(f"error: {message}", file=sys.stderr)
         return status
+    except SignalException as err:  # the launcher itself was stopped; it has stopped the ranks, which reported
+        return 128 + int(err.sigval)
     return 0
 
 

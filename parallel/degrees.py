@@ -1,0 +1,33 @@
+"""Which parallel degrees a launch may use: plain arithmetic, no torch, so the app refuses a bad
+`parallel.tp` in milliseconds, before anything heavy is imported (docs/parallel.md "Tensor-parallel plan")."""
+import os
+
+
+def env_world() -> tuple:
+    """(rank, world_size, local_rank) from the launcher's environment (all 0 / 1 without one)."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")), \
+        int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def validate_world(world: int, tp) -> int:
+    """The TP degree for this world size (tp=None: all ranks); raises when W is not a multiple of tp."""
+    tp = world if tp is None else tp
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1 or world % tp:
+        allowed = [k for k in range(1, world + 1) if world % k == 0]
+        raise ValueError(f"parallel.tp={tp!r} does not divide the world size {world}; allowed: {allowed}")
+    return tp
+
+
+def allowed_tp_degrees(params: dict, limit: int = 64) -> list:
+    """TP degrees that split heads, ff_dim and every sharded width evenly."""
+    heads = params["model_dim"] // sum(params["axes_dims"])
+    widths = (heads, params["ff_dim"], params["model_dim"], 6 * params["model_dim"])
+    return [k for k in range(1, limit + 1) if all(w % k == 0 for w in widths)]
+
+
+def validate_tp_degree(params: dict, tp: int) -> None:
+    heads = params["model_dim"] // sum(params["axes_dims"])
+    allowed = allowed_tp_degrees(params)
+    if tp not in allowed:
+        raise ValueError(f"tensor-parallel degree {tp} does not divide the DiT (heads={heads}, "
+                         f"ff_dim={params['ff_dim']}, model_dim={params['model_dim']}); allowed degrees: {allowed}")

@@ -1,0 +1,192 @@
+"""bench.gpu_check, the GPU acceptance command, on a machine without one.
+
+`--smoke` runs every one-GPU section's code path on the CPU (tiny config, fp32): the report must
+hold each section with finite figures that agree with each other, the default SDPA kernel must
+match math, and bf16 must measurably differ from fp32. The pieces only a GPU exercises are
+checked on stand-ins: the host-sync counting on synthetic profiler events, the tensor-parallel
+parity on two gloo ranks, and the verdicts on failing figures. Without CUDA and without
+--smoke the command refuses with one line and status 2. No timed assertions.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch.autograd import DeviceType
+
+from bench import gpu_check
+from k4flash.dit_math import DEFAULT_SDPA_BACKENDS
+from k4flash.tiny import TINY_DIT_PARAMS
+from k4flash.tools import cost
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTIONS = ("1.", "2.", "3.", "4.", "5.", "6.", "7.", "Checks")
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """One smoke run for the module: (JSON on disk, Markdown on disk)."""
+    out = tmp_path_factory.mktemp("gpu_check")
+    gpu_check.main(["--smoke", "--warmup", "1", "--repeats", "2", "--vae-repeats", "1", "--out", str(out)])
+    return json.loads((out / "gpu_check.json").read_text()), (out / "gpu_check.md").read_text()
+
+
+def _tables(data):
+    """Section number (or "Checks") → its rows."""
+    return {table["title"].split(" ", 1)[0]: table["rows"] for table in data["tables"]}
+
+
+def _numbers(value):
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return []
+    if isinstance(value, (list, tuple)):
+        return [n for v in value for n in _numbers(v)]
+    return [value]
+
+
+def test_smoke_report_has_every_section_with_finite_figures(smoke):
+    data, markdown = smoke
+    tables = _tables(data)
+    assert set(tables) == set(SECTIONS)
+    assert markdown.count("\n|---|") == len(SECTIONS)  # one Markdown table per section
+    for name, rows in tables.items():
+        assert rows, name
+        numbers = [n for row in rows for key, v in row.items() if key != "passed" for n in _numbers(v)]
+        assert numbers and all(math.isfinite(n) for n in numbers), (name, rows)
+    assert "8-9. tensor parallel and NCCL faults skipped" in " ".join(data["notes"])
+    assert data["settings"]["config"] == "tiny" and data["settings"]["dtype"] == "float32"
+
+
+def test_smoke_figures_agree_with_each_other(smoke):
+    tables = _tables(smoke[0])
+    eager, compiled = tables["3."]
+    assert eager["variant"] == "eager" and "aot_eager" in compiled["variant"]
+    flops = cost.dit_flops(TINY_DIT_PARAMS, (3, 8, 12), 20)["total"]
+    for row in (eager, compiled):
+        assert row["output_finite"] and 0 < row["min_s"] <= row["median_s"]
+        assert row["tflops"] == pytest.approx(flops / row["median_s"] / 1e12)
+        assert row["four_steps_s"] == pytest.approx(4 * row["median_s"])
+    (vae,) = tables["4."]
+    # 3 latent frames of 8 x 12 → 4·(3-1)+1 frames of 64 x 96 in one chunk (2 per chunk; the odd one joins the first)
+    assert (vae["frames"], vae["chunks"], vae["output_finite"]) == ("9x64x96", 1, True)
+    memory = tables["5."]
+    assert len(memory) == 6 and all(r["peak_gib"] >= r["start_gib"] > 0 for r in memory)
+    (sampler,) = tables["6."]
+    assert sampler["steps"] == 4 and sampler["latents_finite"] and sampler["profiler"] == "CPU only"
+    assert sampler["syncs_total"] == sampler["dtoh_copies"] == sampler["warned_in_loop"] == 0  # no CUDA on a CPU
+    for row in tables["7."]:
+        assert row["total_s"] == pytest.approx(row["t5_s"] + row["denoise_s"] + row["vae_s"])
+        assert row["vae_s"] == vae["median_s"] and row["vs_seed"] == pytest.approx(11.0 / row["total_s"])
+    assert tables["7."][-1]["denoise_s"] == sampler["sampler_s"]
+
+
+def test_default_sdpa_backend_matches_math_and_bf16_is_bounded(smoke):
+    fp32, bf16 = _tables(smoke[0])["2."]
+    assert fp32["allowed"] == ", ".join(DEFAULT_SDPA_BACKENDS)  # the model's default choice was measured
+    assert fp32["kernel"] == "flash" and fp32["finite"]  # the CPU flash kernel, against the math one
+    assert fp32["max_rel_err"] < 1e-4 and fp32["rel_l2_err"] < 1e-4
+    # bf16 really ran in bf16: measurably off fp32 (an 8-bit mantissa), yet within the bound
+    assert 1e-4 < bf16["rel_l2_err"] < gpu_check.BF16_REL_L2 and bf16["dtype"] == "bfloat16"
+
+
+def test_checks_pass_on_the_cpu_and_gpu_only_ones_are_not_applied(smoke):
+    data, markdown = smoke
+    checks = {row["check"].split(":")[0] if row["check"].startswith("sampler") else row["check"]: row
+              for row in _tables(data)["Checks"]}
+    assert data["settings"]["checks_passed"] is True
+    assert all(row["passed"] is None for row in _tables(data)["Checks"] if row["check"].startswith("sampler"))
+    assert checks["end-to-end estimate, best row s"]["passed"] is None  # the seed's 11 s is an H100 figure
+    assert checks["every DiT and VAE output finite"]["passed"] is True
+    assert "| fp32 flash vs fp32 math: max rel err |" in markdown
+
+
+def test_a_failing_figure_fails_its_check():
+    backends = [dict(kernel="efficient", finite=True, max_rel_err=2e-3, rel_l2_err=1e-6),
+                dict(kernel="flash", finite=True, max_rel_err=0.01, rel_l2_err=0.02)]
+    sections = dict(backends=backends, steps=[dict(output_finite=True)], vae=dict(output_finite=True),
+                    sampler=dict(latents_finite=True, syncs_in_loop=1, syncs_total=2, warned_before_loop=0,
+                                 warned_in_loop=0, warned_after_loop=1),
+                    end_to_end=[dict(total_s=12.0)], tp=[{}, dict(rel_l2_err=0.01, speedup=0.9)],
+                    faults=[dict(fault="hang:1:2", exit_status=-9, capped=True, names_culprit=False,
+                                 fault_to_exit_s=None)])
+    verdicts = {row["check"]: row["passed"] for row in
+                gpu_check.check_rows(torch.device("cuda"), "published", sections, 2, 60.0)}
+    assert verdicts == {
+        "every DiT and VAE output finite": True,
+        "fp32 efficient vs fp32 math: max rel err": False,  # 2e-3 > 1e-3
+        "bf16 flash vs fp32 math: rel L2 err": True,
+        "sampler: host syncs in the step loop (profiler)": False,
+        "sampler: host syncs in the whole call (profiler; the finite check)": False,
+        "sampler: sync warnings in the step loop (sync debug mode)": True,
+        "sampler: sync warnings in the whole call (sync debug mode)": True,
+        "end-to-end estimate, best row s": False,  # 12 s > the seed's 11 s
+        "tp=2 vs tp=1: rel L2 err": True,
+        "tp=2 speed-up over tp=1": False,
+        "hang:1:2: non-zero exit within the cap": False,  # capped: it ran past the wall-clock cap
+        "hang:1:2: one error line, naming rank 1": False,
+        "hang:1:2: seconds from the fault to the exit": False,
+    }
+
+
+def test_a_section_that_raises_fails_its_check_and_the_others_still_report(tmp_path, monkeypatch):
+    def broken_decode(*args):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore detail")
+
+    monkeypatch.setattr(gpu_check, "time_vae_decode", broken_decode)
+    data = gpu_check.main(["--smoke", "--no-compile", "--warmup", "1", "--repeats", "1", "--json",
+                           str(tmp_path / "c.json")])
+    tables = _tables(data)
+    assert data["settings"]["checks_passed"] is False
+    assert "4." not in tables and "7." not in tables  # no decode, so no end-to-end estimate either
+    assert {"1.", "2.", "3.", "5.", "6.", "Checks"} <= set(tables)
+    (failed,) = [row for row in tables["Checks"] if row["passed"] is False]
+    assert failed["check"] == "section 4 ran"
+    assert failed["value"] == "RuntimeError: CUDA out of memory. Tried to allocate 20.00 GiB"
+
+
+def _event(name, start, end=None, device=DeviceType.CPU):
+    return SimpleNamespace(name=name, time_range=SimpleNamespace(start=start, end=start if end is None else end),
+                           device_type=device)
+
+
+def test_host_syncs_are_counted_before_inside_and_after_the_step_loop():
+    """What a CUDA profile holds, by hand: runtime calls named as kineto names them, GPU-side copies and
+    the GPU-side twin of each marker, which must not move the loop's bounds."""
+    events = [
+        _event(gpu_check.MARK_SAMPLER, 0, 100), _event(gpu_check.MARK_SAMPLER, 1, 300, DeviceType.CUDA),
+        _event("cudaStreamSynchronize", 5, 15),  # before the loop (drawing the noise); a call counts where it starts
+        *[_event(gpu_check.MARK_DIT, t, t + 10) for t in (10, 30, 50, 70)],
+        *[_event(gpu_check.MARK_STEP_END, t) for t in (25, 45, 65, 85)],
+        _event(gpu_check.MARK_STEP_END, 250, device=DeviceType.CUDA),
+        _event("cudaMemcpyAsync", 39), _event("cudaStreamSynchronize_v3020", 40),  # a sync inside a step
+        _event("cuCtxSynchronize", 80, 95), _event("cudaLaunchKernel", 61), _event("cudaStreamWaitEvent", 62),
+        _event("cudaMemcpyAsync", 89), _event("cudaStreamSynchronize", 90),  # the final finite check
+        _event("Memcpy DtoH (Device -> Pageable)", 91, 92, DeviceType.CUDA),
+        _event("cudaDeviceSynchronize", 120),  # after the sampler's range: the bench's own sync
+    ]
+    counts = gpu_check.count_syncs(events)
+    assert {k: v for k, v in counts.items() if k != "sampler_profiled_s"} == dict(
+        syncs_before_loop=1, syncs_in_loop=2, syncs_after_loop=1, syncs_total=4, dtoh_copies=1)
+    assert counts["sampler_profiled_s"] == pytest.approx(100e-6)
+
+
+def test_tensor_parallel_section_on_two_gloo_ranks():
+    one, two = gpu_check.tensor_parallel_rows(2, "tiny", "cpu", warmup=1, repeats=2)
+    assert (one["tp"], two["tp"]) == (1, 2) and one["speedup"] == 1.0
+    assert two["finite"] and two["rel_l2_err"] < 1e-5 and two["max_rel_err"] < 1e-5  # fp32: only the order differs
+    assert two["median_s"] > 0 and two["speedup"] == pytest.approx(one["median_s"] / two["median_s"])
+
+
+def test_refuses_without_cuda_and_without_smoke():
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(ROOT))
+    result = subprocess.run([sys.executable, "-m", "bench.gpu_check"], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: bench.gpu_check needs a CUDA device")
+    assert "--smoke" in lines[0]
