@@ -7,25 +7,16 @@ the launcher's key-value store (torchrun's, at MASTER_ADDR:MASTER_PORT), for as 
 download takes (`wait_s`, a day by default) and not for `parallel.timeout_s`. A failed
 download is published too, so every rank stops with rank 0's message instead of waiting.
 """
-import os
 import time
-from datetime import timedelta
+
+from .health import connect_store, store_prefix
 
 DOWNLOAD_WAIT_S = 24 * 3600.0
 POLL_S = 0.5
 
 
-def _store(timeout_s: float):
-    import torch.distributed as dist
-
-    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                         timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
-
-
 def _key(name: str) -> str:
-    run = os.environ.get("TORCHELASTIC_RUN_ID", os.environ.get("SLURM_JOB_ID", "run"))
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", os.environ.get("SLURM_RESTART_COUNT", "0"))
-    return f"k4flash/{run}/{attempt}/weights/{name}"
+    return f"{store_prefix()}weights/{name}"
 
 
 def fetch_on_rank0(resolve, rank: int, world_size: int, wait_s: float = DOWNLOAD_WAIT_S):
@@ -36,7 +27,7 @@ def fetch_on_rank0(resolve, rank: int, world_size: int, wait_s: float = DOWNLOAD
     """
     if world_size == 1:
         return resolve(True)
-    store = _store(timeout_s=60.0)
+    store = connect_store(timeout_s=60.0)
     if rank == 0:
         try:
             paths = resolve(True)

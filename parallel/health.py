@@ -67,9 +67,17 @@ def _first_line(err: BaseException) -> str:
     return line if len(line) <= 300 else line[:297] + "..."
 
 
-def _connect():
+def connect_store(timeout_s: float = STORE_TIMEOUT_S):
+    """A client of the launcher's key-value store (MASTER_ADDR:MASTER_PORT)."""
     return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                         timeout=timedelta(seconds=STORE_TIMEOUT_S), wait_for_workers=False)
+                         timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
+
+
+def store_prefix() -> str:
+    """One key namespace per launch attempt: torchrun restarts and SLURM requeues start clean."""
+    run = os.environ.get("TORCHELASTIC_RUN_ID", os.environ.get("SLURM_JOB_ID", "run"))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", os.environ.get("SLURM_RESTART_COUNT", "0"))
+    return f"k4flash/{run}/{attempt}/"
 
 
 class _Peer:
@@ -84,10 +92,7 @@ class RankHealth:
     def __init__(self, rank: int, world_size: int, interval_s: float = HEARTBEAT_INTERVAL_S,
                  timeout_s: float = 600.0, watch=None, on_exit=None):
         self.rank, self.world_size, self.interval_s, self.timeout_s = rank, world_size, interval_s, timeout_s
-        # One namespace per launch attempt: torchrun restarts and SLURM requeues start clean.
-        run = os.environ.get("TORCHELASTIC_RUN_ID", os.environ.get("SLURM_JOB_ID", "run"))
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", os.environ.get("SLURM_RESTART_COUNT", "0"))
-        self.prefix = f"k4flash/{run}/{attempt}/"
+        self.prefix = store_prefix()
         # The ranks this one watches: rank 0 all of them, the others their process groups' members (set by
         # the caller once the mesh exists) and rank 0.
         self.watch = sorted(set(watch if watch is not None else range(world_size)) - {rank})
@@ -104,7 +109,7 @@ class RankHealth:
     def start(cls, rank: int, world_size: int, interval_s: float = HEARTBEAT_INTERVAL_S, **options):
         health = cls(rank, world_size, interval_s, **options)
         try:
-            health._store = _connect()
+            health._store = connect_store()
         except Exception as err:  # no reachable store: run without diagnostics rather than fail
             log.warning("rank %d: no heartbeat store (%s); failures will not name the rank", rank, _first_line(err))
             return health
@@ -230,7 +235,7 @@ class RankHealth:
 
     def _run(self):
         try:
-            store = _connect()
+            store = connect_store()
         except Exception:  # the store went away (its host died): nothing left to report to
             return
         peers = {r: _Peer() for r in self.watch}
@@ -246,7 +251,7 @@ class RankHealth:
                 return
             try:
                 if signal_seen is not None and time.monotonic() - signal_seen[1] > GRACE_S:
-                    self._exit_on_signal(signal_seen[0], store, peers)
+                    self._exit_on_signal(*signal_seen, store, peers)
                 verdict = self._published_verdict(store)
                 if verdict is None:
                     verdict = self._judge(store, peers)
@@ -293,31 +298,31 @@ class RankHealth:
         """The first fault among the watched ranks, as a one-line verdict, or None."""
         now = time.monotonic()
         counts = {}
-        for r, peer in peers.items():
+        def where(r):  # read only for a verdict: the stage is not worth a store call per peer per second
             stage = self._get("stage", r, store)
-            where = f" during {stage}" if stage else ""
+            return f" during {stage}" if stage else ""
+
+        for r, peer in peers.items():
             error = self._get("error", r, store)
             if error is not None:
-                return f"rank {r} failed{where}: {error}"
+                return f"rank {r} failed{where(r)}: {error}"
             if self._get("done", r, store) is not None:
                 continue
             beats = self._beats(r, store)
             if beats is not None and beats != peer.beats:
                 peer.beats, peer.beat_seen = beats, now
             elif peer.beats is not None and now - peer.beat_seen > dead_after_s:
-                return f"rank {r} died or froze{where} (no heartbeat for {now - peer.beat_seen:.0f} s)"
+                return f"rank {r} died or froze{where(r)} (no heartbeat for {now - peer.beat_seen:.0f} s)"
             entered = self._get("entered", r, store)
             if entered is not None:
-                peer_counts = {name: count for name, (_, count) in json.loads(entered).items()}
+                counts[r] = json.loads(entered)
+                peer_counts = {name: count for name, (_, count) in counts[r].items()}
                 if peer_counts != peer.counts:
                     peer.counts, peer.counts_seen = peer_counts, now
-                counts[r] = json.loads(entered)
         counts[self.rank] = _progress()
         for r, peer in peers.items():
             if r in counts and now - peer.counts_seen > self.timeout_s and self._behind(r, counts):
-                stage = self._get("stage", r, store)
-                where = f" during {stage}" if stage else ""
-                return f"rank {r} is hung{where} (alive, but it never joined the collective)"
+                return f"rank {r} is hung{where(r)} (alive, but it never joined the collective)"
         return None
 
     @staticmethod
@@ -335,11 +340,13 @@ class RankHealth:
                 return True
         return False
 
-    def _exit_on_signal(self, signum, store, peers):
+    def _exit_on_signal(self, signum, signalled_at, store, peers):
         """The main thread did not unwind after SIGTERM / SIGINT (it is stuck in native code): exit for it,
         naming a rank at fault when rank 0 knows one (the launcher stops the survivors of a death)."""
-        # A launcher stops the survivors of a rank's death at once: a peer silent since the signal is that rank.
-        verdict = self._published_verdict(store) or self._judge(store, peers, dead_after_s=GRACE_S - self.interval_s)
+        # A launcher stops the survivors of a rank's death at once: a peer not heard from since the signal (GRACE_S,
+        # several beats, ago) is that rank; one that beat since is alive, however loaded the machine.
+        since_signal = time.monotonic() - signalled_at
+        verdict = self._published_verdict(store) or self._judge(store, peers, dead_after_s=since_signal)
         if verdict is not None:
             self._exit(verdict, EXIT_DISTRIBUTED)
         self._set("stopped", f"received {signal.Signals(signum).name}")
