@@ -1,10 +1,12 @@
-"""The cost model at the published size: FLOPs, bytes all-reduced, predicted H100 latency (k4flash/cost.py).
+"""The cost model at the published size: FLOPs, each plan's predicted H100 time and memory, the planner's choice.
 
     python -m bench.cost_model [--mfu 0.5] [--degrees 1 2 4 8] [--no-meta-check] [--json F] [--md F]
 
 No weights and no accelerator: the DiT and T5 counts are arithmetic, cross-checked with
-torch.utils.flop_counter on meta-device modules of the published size; the VAE decode is
-counted by running the published CogVideoX decoder on the meta device (~20 s on a CPU).
+torch.utils.flop_counter on meta-device modules of the published size; each plan's work per
+rank is counted on the meta device (parallel/plan.py); the VAE decode is counted by running
+the published CogVideoX decoder on the meta device (~20 s on a CPU; --no-meta-check uses the
+stored count).
 """
 import argparse
 import sys
@@ -16,9 +18,10 @@ if __package__ in (None, ""):  # `python bench/cost_model.py` from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import Report, add_output_args  # noqa: E402
-from k4flash.tools import cost  # noqa: E402
+from k4flash import cost  # noqa: E402
 from k4flash.dit import DiffusionTransformer3D  # noqa: E402
 from k4flash.published import PUBLISHED_DIT_PARAMS  # noqa: E402
+from parallel.plan import candidate_plans, choose_plan, predict_plan  # noqa: E402
 
 
 def meta_dit_flops(params=PUBLISHED_DIT_PARAMS, latent_fhw=cost.PUBLISHED_LATENT,
@@ -54,6 +57,26 @@ def _s(x):
     return f"{x:.3f}"
 
 
+def plan_rows(degrees, mfu, vae, gpu=cost.H100_SXM) -> list:
+    """Every plan of one model group on each GPU count: its predicted seconds and memory per rank."""
+    rows = []
+    for world in degrees:
+        for plan in candidate_plans(PUBLISHED_DIT_PARAMS, world):
+            if plan.dp > 1:
+                continue  # data parallelism adds videos per hour, not speed per video
+            eager = predict_plan(PUBLISHED_DIT_PARAMS, plan, gpu, mfu, vae=vae)
+            fused = predict_plan(PUBLISHED_DIT_PARAMS, plan, gpu, mfu, fused=True, vae=vae)
+            comm = cost.dit_plan_comm(PUBLISHED_DIT_PARAMS, plan.tp, plan.ulysses, plan.sequence_parallel)
+            rows.append(dict(gpus=world, plan=str(plan), rank_tflop=eager["rank_flops"] / 1e12,
+                             eager_gb=eager["rank_memory_bound_bytes"], fused_gb=fused["rank_memory_bound_bytes"],
+                             wire_gb=comm["wire_bytes"], collectives=comm["collectives"],
+                             compute_s=eager["dit_step_compute_s"], memory_s=eager["dit_step_memory_s"],
+                             fused_memory_s=fused["dit_step_memory_s"], comm_s=eager["dit_step_comm_s"],
+                             end_to_end_s=eager["end_to_end_s"], fused_end_to_end_s=fused["end_to_end_s"],
+                             gpu_memory_gb=eager["gpu_memory_gb"]))
+    return rows
+
+
 def build_report(mfu=0.5, degrees=(1, 2, 4, 8), meta_check=True) -> Report:
     params = PUBLISHED_DIT_PARAMS
     gpu = cost.H100_SXM
@@ -70,23 +93,20 @@ def build_report(mfu=0.5, degrees=(1, 2, 4, 8), meta_check=True) -> Report:
                  f"{2 * params['num_blocks']} blocks (x {cost.NUM_STEPS} steps per video)",
                  [("part", "part", None), ("tflop", "TFLOP", _tf), ("share", "share of total", ".3f")], rows)
 
-    comm_rows = []
-    for tp in degrees:
-        comm = cost.dit_tp_comm(params, tp)
-        pred = cost.predict(params, gpu, tp=tp, mfu=1.0, vae={"conv_flops": 0, "elementwise_bytes": 0})
-        comm_rows.append(dict(tp=tp, collectives=comm["all_reduce_calls"] + comm["all_gather_calls"],
-                              all_reduce_bytes=comm["all_reduce_bytes"], ring_bytes_sent=comm["ring_bytes_sent"],
-                              comm_s=pred["dit_step_comm_s"], compute_s_at_peak=pred["dit_step_compute_s"]))
-    report.table("Tensor-parallel communication per DiT step (bf16; ring all-reduce on NVLink 4, 450 GB/s per "
-                 "direction, 10 us per collective)",
-                 [("tp", "tp", None), ("collectives", "collectives", None),
-                  ("all_reduce_bytes", "GB all-reduced (payload)", _gb),
-                  ("ring_bytes_sent", "GB sent per GPU (ring)", _gb), ("comm_s", "comm s", _s),
-                  ("compute_s_at_peak", "compute s at peak", _s)], comm_rows)
+    vae = cost.vae_decode_counts() if meta_check else cost.PUBLISHED_VAE_DECODE
+    report.table(f"Each plan on 1-{max(degrees)} {gpu.name}: one DiT step per rank, and one video end to end "
+                 f"(MFU {mfu:.0%}; memory-bound bytes at HBM speed; comm on NVLink; no overlap)", [
+                     ("gpus", "GPUs", None), ("plan", "plan", None), ("rank_tflop", "TFLOP / rank", ".1f"),
+                     ("eager_gb", "memory-bound GB eager", _gb), ("fused_gb", "GB fused", _gb),
+                     ("wire_gb", "GB sent", _gb), ("collectives", "collectives", None),
+                     ("compute_s", "compute s", _s), ("memory_s", "memory s eager", _s),
+                     ("fused_memory_s", "memory s fused", _s), ("comm_s", "comm s", _s),
+                     ("end_to_end_s", "video s eager", _s), ("fused_end_to_end_s", "video s fused", _s),
+                     ("gpu_memory_gb", "GB / GPU", ".1f")], plan_rows(degrees, mfu, vae, gpu))
 
-    vae = cost.vae_decode_counts()
     t5 = cost.t5_encoder_flops(**cost.T5_XXL)
-    other = [dict(stage="VAE decode 25x48x84 -> 97x384x672 (meta run)", tflop=vae["conv_flops"],
+    other = [dict(stage="VAE decode 25x48x84 -> 97x384x672 (meta run)" if meta_check else
+                  "VAE decode 25x48x84 -> 97x384x672 (stored meta count)", tflop=vae["conv_flops"],
                   bytes=vae["elementwise_bytes"], note="convolutions; bytes: GroupNorm/SiLU/pad/cat/upsample, unfused; "
                   f"{vae['row_parallel_collectives']} halo/GroupNorm collectives when split by rows"),
              dict(stage="T5-XXL encode, 224 tokens (analytic)", tflop=t5["total"],
@@ -96,20 +116,29 @@ def build_report(mfu=0.5, degrees=(1, 2, 4, 8), meta_check=True) -> Report:
     report.table("VAE decode and text encode", [("stage", "stage", None), ("tflop", "TFLOP", _tf),
                                                 ("bytes", "GB moved", _gb), ("note", "what", None)], other)
 
-    latency = []
-    for tp in sorted({1, max(degrees)}):
-        for vae_ranks in sorted({1, tp}):  # vae.parallel=false / true (the row split of parallel/vae.py)
-            for m in sorted({1.0, mfu}, reverse=True):
-                p = cost.predict(params, gpu, tp=tp, mfu=m, vae=vae, vae_ranks=vae_ranks)
-                latency.append(dict(p, setup=f"{tp}x {gpu.name}", seed_claim_s=cost.SEED_CLAIM_S))
-    report.table("Predicted latency of one 12 s 672x384 video (T5 on one GPU; compute and comm not overlapped)",
-                 [("setup", "GPUs", None), ("mfu", "MFU", ".0%"), ("t5_s", "T5 s", _s), ("dit_step_s", "DiT step s", _s),
-                  ("denoise_s", f"{cost.NUM_STEPS} steps s", _s), ("vae_ranks", "VAE ranks", None), ("vae_s", "VAE s", _s),
-                  ("end_to_end_s", "end-to-end s", _s), ("seed_claim_s", "seed (model card, 1 H100) s", ".0f")],
-                 latency)
+    choices = []
+    for world, memory_gb in [(n, 80) for n in degrees] + [(n, 24) for n in degrees if n > 1]:
+        try:
+            plan, candidates = choose_plan(params, world, memory_gb, gpu, mfu)
+        except ValueError as err:
+            choices.append(dict(gpus=f"{world} x {memory_gb} GB", plan="none fits", note=str(err)))
+            continue
+        row = next(r for r in candidates if r["plan_object"] == plan)
+        choices.append(dict(gpus=f"{world} x {memory_gb} GB", plan=str(plan), end_to_end_s=row["end_to_end_s"],
+                            gpu_memory_gb=row["gpu_memory_gb"], seed_claim_s=cost.SEED_CLAIM_S,
+                            note=f"{sum(r['fits'] for r in candidates)} of {len(candidates)} plans fit"))
+    report.table("parallel.plan=auto: the plan chosen (fastest predicted video that fits), with its prediction", [
+        ("gpus", "GPUs", None), ("plan", "plan", None), ("end_to_end_s", "video s", _s),
+        ("gpu_memory_gb", "GB / GPU", ".1f"), ("seed_claim_s", "model card (1 H100) s", ".0f"),
+        ("note", "", None)], choices)
     report.note(f"{gpu.name}: {gpu.peak_bf16_flops / 1e12:.1f} TFLOP/s dense bf16, {gpu.hbm_bytes_per_s / 1e12:.2f} "
-                f"TB/s HBM, {gpu.link_bytes_per_s / 1e9:.0f} GB/s NVLink per direction (datasheet). MFU 100% is a "
-                f"lower bound on latency; {mfu:.0%} is an assumption, not a measurement.")
+                f"TB/s HBM, {gpu.link_bytes_per_s / 1e9:.0f} GB/s NVLink per direction (datasheet). MFU {mfu:.0%} is an "
+                f"assumption, not a measurement.")
+    report.note("Per rank: FLOPs and eager memory-bound bytes counted by running the plan's code for one rank on "
+                "the meta device in bf16 (parallel/plan.py; its float32 copies for RoPE and the time embedding "
+                "included); 'fused' is the floor once torch.compile fuses each block's elementwise work "
+                "(k4flash/cost.py dit_fused_bytes); GB / GPU is the first-order memory estimate of the busiest rank "
+                "(T5-XXL resident on it).")
     report.note("FLOPs: 2 per multiply-add, Linear biases and elementwise ops not counted (as FlopCounterMode). "
                 "Attention = QK^T + AV = 4(N+L)^2 D per block.")
     return report

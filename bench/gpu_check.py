@@ -17,7 +17,7 @@ On one GPU (cuda:0), with random weights (no checkpoint needed):
      S² · heads · 4 B = 1.9 GiB there, 116 GiB at the full size), and bf16 autocast with the default backends
      against the same fp32 math forward: the fidelity bound of bf16. Which kernel the default picks is probed;
   3. step latency (one DiT forward = one denoising step), eager and compile_blocks'd: CUDA events, median of
-     --repeats after --warmup, achieved TFLOP/s from k4flash.tools.cost.dit_flops;
+     --repeats after --warmup, achieved TFLOP/s from k4flash.cost.dit_flops;
   4. the VAE decode of 12 s at 672x384 (AutoencoderKLCogVideoX() defaults = the published config, built on
      meta, materialised on the GPU in bf16, random weights) through k4flash.vae.decode_latents: 2 latent
      frames per chunk, uint8 frames on the host, as the pipeline decodes;
@@ -77,7 +77,7 @@ from bench.report import Report, add_output_args  # noqa: E402
 from k4flash.dit_math import attention_backends  # noqa: E402
 from k4flash.published import NUM_STEPS, PUBLISHED_DIT_PARAMS, TEXT_TOKENS  # noqa: E402
 from k4flash.tiny import TINY_DIT_PARAMS, TINY_VAE_CONFIG  # noqa: E402
-from k4flash.tools import cost  # noqa: E402
+from k4flash import cost  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {
@@ -173,8 +173,10 @@ class StageMemory:
         start = self._now_gib()
         yield
         synchronize(self.device)
+        # CPU: the kernel updates VmHWM from per-thread RSS counters in batches, so it can trail VmRSS by
+        # a few hundred kB; the peak is at least where the stage started and ended.
         peak = (torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda"
-                else _status_kib("VmHWM") / 2**20)
+                else max(_status_kib("VmHWM") / 2**20, start, self._now_gib()))
         self.rows.append(dict(stage=name, start_gib=start, peak_gib=peak, growth_gib=peak - start))
 
 
@@ -471,7 +473,7 @@ def _tp_rank(runtime, config_name, warmup, repeats):
     one_times = _timed_forwards(forward, timer, warmup, repeats)
     with torch.no_grad():
         reference = forward().float()
-    parallelize_dit(model, runtime.tp_mesh)
+    parallelize_dit(model, runtime.dit_mesh)
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the full weights are gone; leave the shard's peak clean
         torch.cuda.reset_peak_memory_stats(device)

@@ -8,7 +8,7 @@ with `to_empty`, cast to bf16 and filled with random weights there (no checkpoin
 host copy), and run at the published geometry (latent 25 x 48 x 84 → 25,200 visual + 224
 text tokens) under bf16 autocast, as the pipeline runs it. Each forward is one
 denoising step; it is timed with CUDA events after `--warmup` calls. Achieved TFLOP/s
-= the cost model's FLOPs of one forward (k4flash.tools.cost.dit_flops) / the median. `--compile`
+= the cost model's FLOPs of one forward (k4flash.cost.dit_flops) / the median. `--compile`
 then compiles the blocks (DiffusionTransformer3D.compile_blocks), reports the first call
 (the compile) on its own and times it the same way. `--device cpu --config tiny` runs the
 same code on the tiny config, so CI exercises it.
@@ -31,7 +31,7 @@ from k4flash.devices import DTYPES, resolve_dtype  # noqa: E402
 from k4flash.dit import DiffusionTransformer3D  # noqa: E402
 from k4flash.published import PUBLISHED_DIT_PARAMS  # noqa: E402
 from k4flash.tiny import TINY_DIT_PARAMS  # noqa: E402
-from k4flash.tools import cost  # noqa: E402
+from k4flash import cost  # noqa: E402
 
 CONFIGS = {
     "published": dict(params=PUBLISHED_DIT_PARAMS, latent=cost.PUBLISHED_LATENT, text_tokens=cost.TEXT_TOKENS),
@@ -156,7 +156,7 @@ def main(argv=None):
         ("variant", "variant", None), ("median_s", "step median s", ".4f"), ("min_s", "min s", ".4f"),
         ("first_call_s", "first call s", ".2f"), ("tflops", "achieved TFLOP/s", ".3g"), ("mfu", "MFU", ".1%"),
         ("four_steps_s", f"{cost.NUM_STEPS} steps s", ".3f"), ("output_finite", "output finite", None)], rows)
-    report.note(f"FLOPs per forward (k4flash.tools.cost.dit_flops): {flops['total'] / 1e12:.4g} TFLOP "
+    report.note(f"FLOPs per forward (k4flash.cost.dit_flops): {flops['total'] / 1e12:.4g} TFLOP "
                 f"({flops['linear'] / 1e12:.4g} linear + {flops['attention'] / 1e12:.4g} attention)"
                 + (f"; MFU against {peak / 1e12:.1f} TFLOP/s dense peak" if peak else ""))
     return report.emit(args.json, args.md)

@@ -21,8 +21,9 @@ def get_T2V_pipeline(device_map, resolution: int = 512, cache_dir="./weights/", 
 
     One process: `k4flash.pipeline.load_pipeline`. Under a launcher (WORLD_SIZE > 1): this
     rank's pipeline from `parallel.rank_pipeline.load_rank_pipeline` (joins the process group,
-    every rank in one TP group). `options` (keyword-only): dit_params, dtype, download,
-    noise_dtype, compile, as `load_pipeline` documents them.
+    every rank in one TP group unless the options tp=, ulysses=, sequence_parallel= say otherwise).
+    `options` (keyword-only): dit_params, dtype, download, noise_dtype, compile, as `load_pipeline`
+    documents them.
     """
     args = (device_map, resolution, cache_dir, dit_path, text_encoder_path, tokenizer_path, vae_path,
             scheduler_path, conf_path)

@@ -118,18 +118,27 @@ class MultiheadSelfAttention(nn.Module):
 
     def forward(self, x, num_visual, rope_cos, rope_sin):  # x: (B, S, D), visual tokens first
         qkv = self.to_query_key_value(x).unflatten(-1, (3, -1, self.head_dim))  # (B, S, 3, heads, head_dim)
-        query, key, value = qkv.unbind(2)  # strided views into the packed projection
-        query = self.query_norm(query).type_as(query).transpose(1, 2)  # (B, heads, S, head_dim)
-        key = self.key_norm(key).type_as(key).transpose(1, 2)
-        # A plain (B, heads, S, head_dim) tensor like q and k (the RoPE concatenation below makes those):
-        # SDPA backends have had NaN and memory bugs with v as a strided view of a packed QKV
-        # (docs/model.md "DiT forward" step 5).
-        value = value.transpose(1, 2).contiguous()
-        # RoPE on the visual tokens only (docs/model.md "DiT forward" step 4); text keeps its q, k.
-        query = torch.cat([apply_rope(query[:, :, :num_visual], rope_cos, rope_sin), query[:, :, num_visual:]], dim=2)
-        key = torch.cat([apply_rope(key[:, :, :num_visual], rope_cos, rope_sin), key[:, :, num_visual:]], dim=2)
-        out = joint_attention(query, key, value).transpose(1, 2).flatten(2)  # (B, S, D)
+        out = attend(qkv, self.query_norm, self.key_norm, num_visual, rope_cos, rope_sin)  # (B, S, heads * head_dim)
         return self.output_layer(out)
+
+
+def attend(qkv, query_norm, key_norm, num_visual, rope_cos, rope_sin):
+    """Per-head q/k norms, RoPE on the visual tokens, joint attention: (B, S, 3, heads, head_dim) → (B, S, heads·head_dim).
+
+    Any subset of heads works (a tensor- or sequence-parallel plan passes its own); the sequence must be
+    whole, visual tokens first (num_visual of them, matching rope_cos/sin's rows).
+    """
+    query, key, value = qkv.unbind(2)  # strided views into the packed projection
+    query = query_norm(query).type_as(query).transpose(1, 2)  # (B, heads, S, head_dim)
+    key = key_norm(key).type_as(key).transpose(1, 2)
+    # A plain (B, heads, S, head_dim) tensor like q and k (the RoPE concatenation below makes those):
+    # SDPA backends have had NaN and memory bugs with v as a strided view of a packed QKV
+    # (docs/model.md "DiT forward" step 5).
+    value = value.transpose(1, 2).contiguous()
+    # RoPE on the visual tokens only (docs/model.md "DiT forward" step 4); text keeps its q, k.
+    query = torch.cat([apply_rope(query[:, :, :num_visual], rope_cos, rope_sin), query[:, :, num_visual:]], dim=2)
+    key = torch.cat([apply_rope(key[:, :, :num_visual], rope_cos, rope_sin), key[:, :, num_visual:]], dim=2)
+    return joint_attention(query, key, value).transpose(1, 2).flatten(2)  # (B, S, heads * head_dim)
 
 
 class FeedForward(nn.Module):
@@ -183,9 +192,14 @@ class OutLayer(nn.Module):
         self.modulation_activation = nn.SiLU()
         self.modulation_out = nn.Linear(time_dim, 2 * model_dim)
 
-    def forward(self, visual, time_embed, grid):  # visual: (B, N, D)
+    def forward(self, tokens, num_visual, time_embed, grid):  # tokens: (B, N + L, D), visual first
+        return self.unpatchify(self.project(tokens[:, :num_visual], time_embed), grid)
+
+    def project(self, visual, time_embed):  # (B, n, D) → (B, n, prod(patch) * C), token by token
         shift, scale = self.modulation_out(self.modulation_activation(time_embed)).unsqueeze(1).chunk(2, dim=-1)
-        out = self.out_layer(self.norm(visual) * (scale + 1.0) + shift)  # (B, N, prod(patch) * C)
+        return self.out_layer(self.norm(visual) * (scale + 1.0) + shift)
+
+    def unpatchify(self, out, grid):  # (B, N, prod(patch) * C) → (B, F, H, W, C)
         pf, ph, pw = self.patch_size
         f, h, w = grid
         # The output vector is ordered (C, pt, ph, pw), not the input order (docs/model.md "DiT forward" step 6).
@@ -255,4 +269,4 @@ class DiffusionTransformer3D(nn.Module):
             for pair in self.transformer_blocks:
                 for block in pair:
                     tokens = block(tokens, num_visual, time_embed, rope_cos, rope_sin)
-        return self.out_layer(tokens[:, :num_visual], time_embed, grid)
+        return self.out_layer(tokens, num_visual, time_embed, grid)

@@ -26,6 +26,10 @@ class CommStats:
 
 STATS = CommStats()
 
+# torch 2.13 renames the flat-tensor collectives (the old names warn); torch >= 2.5 has the old ones.
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 class Progress:
     """How many collectives this process has entered on each process group, never reset.
@@ -96,3 +100,34 @@ def gather_to_first(tensor, group):
         return parts
     dist.gather(tensor, dst=first, group=group)
     return None
+
+
+@torch.compiler.disable
+def all_gather_tokens(tensor, group) -> torch.Tensor:
+    """(B, s, D) on each of k ranks → (B, k·s, D), rank order along the tokens (sequence parallelism)."""
+    _record("all_gather", tensor, group)
+    k = dist.get_world_size(group)
+    out = torch.empty((k * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+    _all_gather_flat(out, tensor.contiguous(), group=group)  # (k·B, s, D), rank-major
+    return out.unflatten(0, (k, -1)).transpose(0, 1).flatten(1, 2)  # (B, k·s, D)
+
+
+@torch.compiler.disable
+def reduce_scatter_tokens(tensor, group) -> torch.Tensor:
+    """(B, k·s, D) partial sums on each of k ranks → this rank's (B, s, D) slice of their sum."""
+    _record("reduce_scatter", tensor, group)
+    k = dist.get_world_size(group)
+    chunks = tensor.unflatten(1, (k, -1)).transpose(0, 1).contiguous()  # (k, B, s, D): rank j's slice at [j]
+    out = torch.empty(chunks.shape[1:], dtype=tensor.dtype, device=tensor.device)
+    _reduce_scatter_flat(out, chunks.flatten(0, 1), op=dist.ReduceOp.SUM, group=group)  # (k·B, s, D) in
+    return out
+
+
+@torch.compiler.disable
+def all_to_all(tensor, group) -> torch.Tensor:
+    """(k, ...) on each of k ranks: block j goes to rank j; returns (k, ...) whose block j came from rank j."""
+    _record("all_to_all", tensor, group)
+    tensor = tensor.contiguous()
+    out = torch.empty_like(tensor)
+    dist.all_to_all_single(out, tensor, group=group)
+    return out

@@ -9,12 +9,19 @@ def env_world() -> tuple:
         int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def validate_world(world: int, tp) -> int:
-    """The TP degree for this world size (tp=None: all ranks); raises when W is not a multiple of tp."""
-    tp = world if tp is None else tp
-    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1 or world % tp:
+def validate_world(world: int, tp, ulysses=1) -> int:
+    """The TP degree for this world size (tp=None: all ranks not taken by Ulysses); raises when W is not a
+    multiple of ulysses·tp. The data-parallel degree is the rest: W / (ulysses·tp)."""
+    if isinstance(ulysses, bool) or not isinstance(ulysses, int) or ulysses < 1 or world % ulysses:
         allowed = [k for k in range(1, world + 1) if world % k == 0]
-        raise ValueError(f"parallel.tp={tp!r} does not divide the world size {world}; allowed: {allowed}")
+        raise ValueError(f"parallel.ulysses={ulysses!r} does not divide the world size {world}; allowed: {allowed}")
+    tp = world // ulysses if tp is None else tp
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1 or world % (tp * ulysses):
+        allowed = [k for k in range(1, world // ulysses + 1) if world % (k * ulysses) == 0]
+        if ulysses == 1:
+            raise ValueError(f"parallel.tp={tp!r} does not divide the world size {world}; allowed: {allowed}")
+        raise ValueError(f"parallel.tp={tp!r} with parallel.ulysses={ulysses} does not divide the world size "
+                         f"{world}; allowed tp: {allowed}")
     return tp
 
 
@@ -31,3 +38,20 @@ def validate_tp_degree(params: dict, tp: int) -> None:
     if tp not in allowed:
         raise ValueError(f"tensor-parallel degree {tp} does not divide the DiT (heads={heads}, "
                          f"ff_dim={params['ff_dim']}, model_dim={params['model_dim']}); allowed degrees: {allowed}")
+
+
+def allowed_ulysses_degrees(params: dict, tp: int = 1, limit: int = 64) -> list:
+    """Ulysses degrees U for which every rank gets whole heads: heads / (tp·U) is a whole number."""
+    heads = params["model_dim"] // sum(params["axes_dims"])
+    return [u for u in range(1, limit + 1) if heads % (tp * u) == 0]
+
+
+def validate_plan_degrees(params: dict, tp: int, ulysses: int = 1) -> None:
+    """Refuse a (tp, ulysses) pair the DiT cannot be split by, naming the allowed degrees."""
+    validate_tp_degree(params, tp)
+    heads = params["model_dim"] // sum(params["axes_dims"])
+    allowed = allowed_ulysses_degrees(params, tp)
+    if ulysses not in allowed:
+        raise ValueError(f"Ulysses degree {ulysses} with tp={tp} leaves {heads}/{tp * ulysses} heads per rank "
+                         f"(heads={heads} must split into whole heads over tp·ulysses); allowed ulysses "
+                         f"degrees at tp={tp}: {allowed}")

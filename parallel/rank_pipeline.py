@@ -1,9 +1,10 @@
-"""One rank's pipeline: the role of a rank in a (dp × tp) run, and the loader that builds with it.
+"""One rank's pipeline: the role of a rank in a (dp × ulysses × tp) run, and the loader that builds with it.
 
 `TensorParallelRole` answers, for this rank, everything the single-process pipeline asks
-(k4flash/pipeline.py `Role`): its DiT shard everywhere; T5 and the writing on its TP
-group's first rank; the text embedding broadcast from that rank; the VAE on every rank of
-the group with the row-parallel decode (parallel/vae.py), or with `vae_parallel=False` on
+(k4flash/pipeline.py `Role`): its DiT (a TP shard, with its share of the tokens under
+Ulysses or sequence parallelism) everywhere; T5 and the writing on its model group's
+first rank; the text embedding broadcast from that rank; the VAE on every rank of the
+group with the row-parallel decode (parallel/vae.py), or with `vae_parallel=False` on
 the first rank alone. The VAE wrapping and the decode it enables come from `decoder`, so
 they cannot be taken apart.
 """
@@ -23,12 +24,15 @@ from .vae import parallelize_vae
 
 
 class TensorParallelRole(Role):
-    """What one rank of a (dp × tp) mesh loads, encodes, decodes and writes (docs/parallel.md "Mesh and roles")."""
+    """What one rank of a (dp × ulysses × tp) mesh loads, encodes, decodes and writes.
+
+    docs/parallel.md "Mesh and roles".
+    """
 
     def __init__(self, runtime: Runtime, vae_parallel: bool = True):
         self.runtime = runtime
-        self.sharded = runtime.tp_size > 1
-        # With one rank per TP group there is nothing to split the decode over.
+        self.sharded = runtime.group_size > 1
+        # With one rank per model group there is nothing to split the decode over.
         self.decodes_in_parallel = self.sharded and vae_parallel
 
     @property
@@ -41,7 +45,7 @@ class TensorParallelRole(Role):
 
     def place(self, device_map: dict) -> dict:
         """The DiT on this rank's device (cuda:LOCAL_RANK on GPU), whatever device_map says. Off the group
-        main, and with several TP groups per node (whose first ranks each need their own GPU), T5 and the
+        main, and with several model groups per node (whose first ranks each need their own GPU), T5 and the
         VAE go there too; a single group's first rank keeps the device_map's choice for them."""
         if not self.is_group_main or self.runtime.dp_size > 1:
             return {key: self.runtime.device for key in device_map}
@@ -56,7 +60,8 @@ class TensorParallelRole(Role):
 
     def load_dit(self, params, checkpoint_path, device, dtype):
         if self.sharded:
-            return load_dit_sharded(params, checkpoint_path, self.runtime.tp_mesh, device=device, dtype=dtype)
+            return load_dit_sharded(params, checkpoint_path, self.runtime.dit_mesh, device=device, dtype=dtype,
+                                    sequence_parallel=self.runtime.sequence_parallel)
         return load_dit(params, checkpoint_path, device=device, dtype=dtype)
 
     @property
@@ -72,14 +77,16 @@ class TensorParallelRole(Role):
         return functools.partial(decode_latents, vae) if self.is_group_main else None
 
 
-def load_rank_pipeline(*args, runtime: Runtime = None, tp: int = None, vae_parallel: bool = True, **kwargs):
+def load_rank_pipeline(*args, runtime: Runtime = None, tp: int = None, ulysses: int = 1,
+                       sequence_parallel: bool = False, vae_parallel: bool = True, **kwargs):
     """k4flash.pipeline.load_pipeline(*args, **kwargs) for this rank of a multi-rank run.
 
     Joins the process group the launcher set up unless a `runtime` is given (`tp`: ranks
-    per TP group, default all). On GPU each rank's DiT is on cuda:LOCAL_RANK.
+    per TP group, default all that `ulysses` leaves). On GPU each rank's DiT is on cuda:LOCAL_RANK.
     """
     if runtime is None:
         device = normalize_device_map(args[0] if args else kwargs["device_map"])["dit"]
         # A library call inside the caller's program: its exit is the caller's business.
-        runtime = init_runtime("cuda" if device.type == "cuda" else "cpu", tp=tp, fast_exit=False)
+        runtime = init_runtime("cuda" if device.type == "cuda" else "cpu", tp=tp, fast_exit=False, ulysses=ulysses,
+                               sequence_parallel=sequence_parallel)
     return load_pipeline(*args, role=TensorParallelRole(runtime, vae_parallel=vae_parallel), **kwargs)

@@ -25,22 +25,30 @@ log = logging.getLogger("k4flash")
 
 @dataclass
 class Runtime:
-    """Where this rank sits in the (dp, tp) mesh: W = dp_size · tp_size ranks, TP groups of consecutive ranks."""
+    """Where this rank sits in the (dp, ulysses, tp) mesh: W = dp · ulysses · tp ranks, TP innermost.
+
+    A model group is the ulysses · tp consecutive ranks that make one video together; dp groups
+    work on different prompts.
+    """
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
-    tp_mesh: object = None  # this rank's TP group as a 1-D DeviceMesh; None for one rank
+    group_mesh: object = None  # this rank's model group as a 1-D DeviceMesh; None when it is one rank
+    dit_mesh: object = None  # what parallel.parallelize_dit takes: the TP group, or a ("ulysses", "tp") mesh
     dp_rank: int = 0  # which data-parallel group (share of the prompts) this rank works on
     dp_size: int = 1
+    tp_size: int = 1
+    ulysses_size: int = 1
+    sequence_parallel: bool = False
 
     @property
-    def tp_size(self) -> int:
-        return self.tp_mesh.size() if self.tp_mesh is not None else 1
+    def group_size(self) -> int:
+        return self.group_mesh.size() if self.group_mesh is not None else 1
 
     @property
-    def tp_rank(self) -> int:
-        return self.tp_mesh.get_local_rank() if self.tp_mesh is not None else 0
+    def group_rank(self) -> int:
+        return self.group_mesh.get_local_rank() if self.group_mesh is not None else 0
 
     @property
     def is_main(self) -> bool:
@@ -49,18 +57,18 @@ class Runtime:
 
     @property
     def is_group_main(self) -> bool:
-        """Its TP group's first rank: runs T5, gets the decoded frames, writes the group's outputs."""
-        return self.tp_rank == 0
+        """Its model group's first rank: runs T5, gets the decoded frames, writes the group's outputs."""
+        return self.group_rank == 0
 
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
 
     def broadcast_from_group_main(self, tensor: torch.Tensor) -> torch.Tensor:
-        """The TP group's first rank's tensor, on every rank of the group."""
-        if self.tp_size == 1:
+        """The model group's first rank's tensor, on every rank of the group."""
+        if self.group_size == 1:
             return tensor
-        group = self.tp_mesh.get_group()
+        group = self.group_mesh.get_group()
         return comm.broadcast_from(tensor, src=dist.get_global_rank(group, 0), group=group)
 
     def barrier(self):
@@ -69,12 +77,12 @@ class Runtime:
 
     def peers(self) -> list:
         """The ranks whose health this rank watches (parallel/health.py): all of them from rank 0, else the
-        ranks it shares collectives with (its TP group) and rank 0."""
+        ranks it shares collectives with (its model group) and rank 0."""
         if self.is_main:
             return list(range(self.world_size))
-        if self.tp_mesh is None:
+        if self.group_mesh is None:
             return [0]
-        return sorted(set(dist.get_process_group_ranks(self.tp_mesh.get_group())) | {0})
+        return sorted(set(dist.get_process_group_ranks(self.group_mesh.get_group())) | {0})
 
 
 BACKSTOP_S = 30.0
@@ -118,20 +126,21 @@ def skip_exit_collections() -> None:
         atexit.register(_freeze_heap_at_exit)
 
 
-def init_runtime(device: str = "auto", timeout_s: float = 600.0, tp=None, fast_exit: bool = True) -> Runtime:
-    """Join the process group the launcher set up (nccl on GPU, gloo on CPU) and build the (dp, tp) mesh.
+def init_runtime(device: str = "auto", timeout_s: float = 600.0, tp=None, fast_exit: bool = True, ulysses: int = 1,
+                 sequence_parallel: bool = False) -> Runtime:
+    """Join the process group the launcher set up (nccl on GPU, gloo on CPU) and build the (dp, ulysses, tp) mesh.
 
-    fast_exit: this process is a job's rank, which exits when the job is done: skip the
-    interpreter's exit-time collections (`skip_exit_collections`). Pass False from inside
-    a program that owns its own process lifetime (the library entry point does).
+    tp=None: every rank that Ulysses does not take. fast_exit: this process is a job's rank, which
+    exits when the job is done: skip the interpreter's exit-time collections (`skip_exit_collections`).
+    Pass False from inside a program that owns its own process lifetime (the library entry point does).
     """
     if fast_exit:
         skip_exit_collections()
     rank, world, local_rank = env_world()
-    tp = validate_world(world, tp)
+    tp = validate_world(world, tp, ulysses)
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     if tp > local_world and rank == 0:
-        # TP sends 2 all-reduces per block: across nodes they leave NVLink for the network.
+        # TP sends 2 collectives per block: across nodes they leave NVLink for the network.
         log.warning("parallel.tp=%d spans nodes (%d ranks per node); prefer tp <= ranks per node and "
                     "data parallelism across nodes", tp, local_world)
     device = resolve_device(device, local_rank)
@@ -148,17 +157,42 @@ def init_runtime(device: str = "auto", timeout_s: float = 600.0, tp=None, fast_e
         # group's own timeout is the backstop behind it, so that NCCL's watchdog does not abort first.
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s + BACKSTOP_S),
                                 device_id=device if device.type == "cuda" else None)
-    # Communicators cost GPU memory and start-up time: make only the TP groups. One TP group is the world's
-    # own group; pure data parallelism needs none (its groups never talk during generation).
+    size = ulysses * tp
+    base = dict(rank=rank, world_size=world, local_rank=local_rank, device=device, dp_rank=rank // size,
+                dp_size=world // size, tp_size=tp, ulysses_size=ulysses, sequence_parallel=sequence_parallel and tp > 1)
+    if size == 1:  # pure data parallelism: its groups never talk during generation, so no communicator
+        return Runtime(**base)
+    group_mesh, dit_mesh = model_group_meshes(device.type, world, ulysses, tp)
+    return Runtime(**base, group_mesh=group_mesh, dit_mesh=dit_mesh)
+
+
+def model_group_meshes(device_type, world, ulysses, tp):
+    """(this rank's model group as a 1-D mesh, the DiT's mesh): only the groups the plan talks in.
+
+    Communicators cost GPU memory and start-up time. One model group is the world's own group. The
+    DiT mesh is the model group itself when it is all TP (or all Ulysses), else a ("ulysses", "tp")
+    mesh of the model group's ranks, TP innermost so that it stays on NVLink. Every rank creates every
+    group (new_group is collective over the world), in the same order.
+    """
     from torch.distributed.device_mesh import DeviceMesh
-    if tp == 1:
-        return Runtime(rank, world, local_rank, device, None, dp_rank=rank, dp_size=world)
-    if tp == world:
-        tp_group = dist.group.WORLD
+
+    size = ulysses * tp
+    if size == world:
+        model_group = dist.group.WORLD
     else:
-        tp_group, _ = dist.new_subgroups(group_size=tp)  # consecutive ranks; collective over the world
-    tp_mesh = DeviceMesh.from_group(tp_group, device.type, mesh_dim_names=("tp",))
-    return Runtime(rank, world, local_rank, device, tp_mesh, dp_rank=rank // tp, dp_size=world // tp)
+        model_group, _ = dist.new_subgroups(group_size=size)  # consecutive ranks
+    group_mesh = DeviceMesh.from_group(model_group, device_type, mesh_dim_names=("group",))
+    if ulysses == 1:
+        return group_mesh, DeviceMesh.from_group(model_group, device_type, mesh_dim_names=("tp",))
+    firsts = range(0, world, size)
+    grid = [torch.arange(first, first + size).reshape(ulysses, tp) for first in firsts]  # (ulysses, tp) per group
+    ulysses_group = model_group if tp == 1 else \
+        dist.new_subgroups_by_enumeration([g[:, k].tolist() for g in grid for k in range(tp)])[0]
+    tp_group = dist.new_subgroups_by_enumeration([g[u].tolist() for g in grid for u in range(ulysses)])[0]
+    mine = grid[dist.get_rank() // size]
+    dit_mesh = DeviceMesh.from_group([ulysses_group, tp_group], device_type, mesh=mine,
+                                     mesh_dim_names=("ulysses", "tp"))
+    return group_mesh, dit_mesh
 
 
 def shutdown_runtime() -> None:

@@ -26,7 +26,8 @@ from torch import nn
 from k4flash.weights import slice_reader
 
 from . import comm
-from .degrees import allowed_tp_degrees, validate_tp_degree  # noqa: F401 (re-exported)
+from .degrees import allowed_tp_degrees, validate_plan_degrees, validate_tp_degree  # noqa: F401 (re-exported)
+from .sequence import shard_sequence
 
 COLWISE, COLWISE_QKV, ROWWISE, GATHERED = "colwise", "colwise_qkv", "rowwise", "gathered"
 
@@ -62,7 +63,7 @@ def take_shard(read, style, kind: str, shape, rank: int, world: int) -> torch.Te
     full tensor (so a caller can slice a file without loading the whole tensor).
     """
     if style == ROWWISE:
-        if kind == "bias":  # added once, after the all-reduce
+        if kind == "bias":  # whole on every rank; one of them adds it (RowParallelLinear)
             return read(None, None)
         cols = shape[1]
         return read(None, (rank * cols // world, (rank + 1) * cols // world))
@@ -70,16 +71,42 @@ def take_shard(read, style, kind: str, shape, rank: int, world: int) -> torch.Te
 
 
 class RowParallelLinear(nn.Module):
-    """y = all_reduce(x_local @ W_localᵀ) + b: the input features are this rank's heads / ff slice."""
+    """y = all_reduce(x_local @ W_localᵀ (+ b on one rank)): the input features are this rank's heads / ff slice.
 
-    def __init__(self, in_local, out_features, group, device=None, dtype=None):
+    scatter_tokens (sequence parallelism): reduce-scatter over the tokens instead, so each rank
+    keeps the sum for its own shard of them.
+    """
+
+    def __init__(self, in_local, out_features, group, scatter_tokens=False, adds_bias=False, device=None,
+                 dtype=None):
         super().__init__()
-        self.group = group
+        self.group, self.scatter_tokens, self.adds_bias = group, scatter_tokens, adds_bias
         self.weight = nn.Parameter(torch.empty(out_features, in_local, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype))
 
-    def forward(self, x):
-        return comm.all_reduce_sum(F.linear(x, self.weight), self.group) + self.bias
+    def forward(self, x):  # (B, S, in_local) → (B, S, out), or (B, S / k, out) with scatter_tokens
+        # The bias rides in one rank's matmul (adds_bias: the group's first), so the sum carries it once and no
+        # rank spends a pass over the output adding it.
+        return self.reduce(F.linear(x, self.weight, self.bias if self.adds_bias else None))
+
+    def reduce(self, partial):
+        """The group's sum of every rank's partial output (this rank's token shard of it with scatter_tokens)."""
+        if self.scatter_tokens:
+            return comm.reduce_scatter_tokens(partial, self.group)
+        return comm.all_reduce_sum(partial, self.group)
+
+
+class TokenGatherLinear(nn.Module):
+    """Column-parallel under sequence parallelism: all-gather the group's token shards, then this rank's rows."""
+
+    def __init__(self, in_features, out_local, group, device=None, dtype=None):
+        super().__init__()
+        self.group = group
+        self.weight = nn.Parameter(torch.empty(out_local, in_features, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(out_local, device=device, dtype=dtype))
+
+    def forward(self, x):  # (B, S / k, in) → (B, S, out_local)
+        return F.linear(comm.all_gather_tokens(x, self.group), self.weight, self.bias)
 
 
 class GatheredLinear(nn.Module):
@@ -115,13 +142,16 @@ class ModulationGather:
             offset += n
 
 
-def _replacement(style, linear: nn.Linear, group, world):
+def _replacement(style, linear: nn.Linear, group, rank, world, sequence_parallel):
     out_features, in_features = linear.weight.shape
     kw = dict(device=linear.weight.device, dtype=linear.weight.dtype)
     if style == ROWWISE:
-        return RowParallelLinear(in_features // world, out_features, group, **kw)
+        return RowParallelLinear(in_features // world, out_features, group, scatter_tokens=sequence_parallel,
+                                 adds_bias=rank == 0, **kw)
     if style == GATHERED:
         return GatheredLinear(out_features // world, in_features, **kw)
+    if sequence_parallel:
+        return TokenGatherLinear(in_features, out_features // world, group, **kw)
     return nn.Linear(in_features, out_features // world, **kw)
 
 
@@ -132,34 +162,66 @@ def mesh_coords(mesh) -> tuple:
     return tuple(mesh)
 
 
-def parallelize_dit(model, mesh):
-    """Shard `model` in place over a 1-D DeviceMesh (or a (group, rank, world) tuple); returns it.
+ALONE = (None, 0, 1)  # the coordinates of a mesh dimension of size 1
 
-    Works on a meta-device model (shapes only; load weights afterwards with
-    parallel.load) or on a loaded one (each rank keeps its slice of the weights).
+
+def plan_coords(mesh) -> tuple:
+    """((tp group, index, size), (ulysses group, index, size)) of the mesh parallelize_dit takes.
+
+    A 1-D mesh (or a (group, rank, size) tuple) is tensor parallelism alone; a 2-D DeviceMesh
+    must be named ("ulysses", "tp"), either size may be 1.
     """
-    group, rank, world = mesh_coords(mesh)
-    num_blocks = len(model.transformer_blocks)
-    params = {"model_dim": model.out_layer.norm.normalized_shape[0], "axes_dims": model.rope_embeddings.axes_dims,
-              "ff_dim": model.transformer_blocks[0][0].feed_forward.in_layer.out_features}
-    validate_tp_degree(params, world)
-    gathered = []
-    for path, style in dit_tp_plan(num_blocks).items():
-        parent_path, name = path.rsplit(".", 1)
-        parent = model.get_submodule(parent_path)
-        linear = getattr(parent, name)
-        new = _replacement(style, linear, group, world)
-        if linear.weight.device.type != "meta":
-            with torch.no_grad():
-                for kind in ("weight", "bias"):
-                    full = getattr(linear, kind)
-                    piece = take_shard(slice_reader(full), style, kind, full.shape, rank, world)
-                    getattr(new, kind).copy_(piece)
-        setattr(parent, name, new)
-        if style == GATHERED:
-            gathered.append(new)
-    model.time_embeddings.register_forward_hook(ModulationGather(gathered, group, world))
+    if getattr(mesh, "ndim", 1) == 1:
+        return mesh_coords(mesh), ALONE
+    if tuple(mesh.mesh_dim_names or ()) != ("ulysses", "tp"):
+        raise ValueError(f"a 2-D DiT mesh must have mesh_dim_names ('ulysses', 'tp'), got {mesh.mesh_dim_names}")
+    tp, ulysses = mesh["tp"], mesh["ulysses"]
+    coords = [mesh_coords(dim) if dim.size() > 1 else ALONE for dim in (tp, ulysses)]
+    return tuple(coords)
+
+
+def _model_params(model) -> dict:
+    return {"model_dim": model.out_layer.norm.normalized_shape[0], "axes_dims": model.rope_embeddings.axes_dims,
+            "ff_dim": model.transformer_blocks[0][0].feed_forward.in_layer.out_features}
+
+
+def parallelize_dit(model, mesh, *, sequence_parallel: bool = False):
+    """Shard `model` in place over a DiT mesh (see plan_coords); returns it.
+
+    1-D mesh: tensor parallelism (2 all-reduces per block). 2-D ("ulysses", "tp") mesh: the tokens are
+    split over the Ulysses ranks through every block (two all-to-alls around attention, weights whole
+    over U), and the weights over the TP ranks. sequence_parallel: the TP ranks split the tokens too,
+    with all-gathers and reduce-scatters in place of the all-reduces (parallel/sequence.py); nothing
+    to do at tp = 1. The forward still takes and returns the full (B, F, H, W, C) latents on every rank.
+
+    Works on a meta-device model (shapes only; load weights afterwards with parallel.load) or on a
+    loaded one (each rank keeps its slice of the weights). Refuses degrees that do not divide the heads
+    and widths, naming the allowed ones.
+    """
+    tp, ulysses = plan_coords(mesh)
+    (tp_group, rank, world), sequence_parallel = tp, sequence_parallel and tp[2] > 1
+    validate_plan_degrees(_model_params(model), world, ulysses[2])
+    if world > 1:
+        gathered = []
+        for path, style in dit_tp_plan(len(model.transformer_blocks)).items():
+            parent_path, name = path.rsplit(".", 1)
+            parent = model.get_submodule(parent_path)
+            linear = getattr(parent, name)
+            new = _replacement(style, linear, tp_group, rank, world, sequence_parallel)
+            if linear.weight.device.type != "meta":
+                with torch.no_grad():
+                    for kind in ("weight", "bias"):
+                        full = getattr(linear, kind)
+                        piece = take_shard(slice_reader(full), style, kind, full.shape, rank, world)
+                        getattr(new, kind).copy_(piece)
+            setattr(parent, name, new)
+            if style == GATHERED:
+                gathered.append(new)
+        model.time_embeddings.register_forward_hook(ModulationGather(gathered, tp_group, world))
+    if ulysses[2] > 1 or sequence_parallel:
+        shard_sequence(model, tp, ulysses, sequence_parallel)
     model.tp_degree = world
+    model.parallel_plan = dict(tp=world, ulysses=ulysses[2], sequence_parallel=sequence_parallel)
     return model
 
 
@@ -167,6 +229,8 @@ def shard_plan_for(model) -> dict:
     """parameter name → (style, full shape) for every sharded parameter of a parallelized model."""
     world = getattr(model, "tp_degree", 1)
     out = {}
+    if world == 1:
+        return out
     for path, style in dit_tp_plan(len(model.transformer_blocks)).items():
         module = model.get_submodule(path)
         for kind in ("weight", "bias"):

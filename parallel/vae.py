@@ -1,4 +1,4 @@
-"""Exact row-parallel decode of the CogVideoX VAE: every rank of a TP group decodes a band of latent rows.
+"""Exact row-parallel decode of the CogVideoX VAE: every rank of a model group decodes a band of latent rows.
 
 The diffusers decoder mixes rows in only three ways, and each is made exact here (docs/parallel.md
 "Row-split VAE decode"; checked against diffusers' autoencoder_kl_cogvideox.py and upsampling.py):
@@ -100,12 +100,12 @@ class RowParallelVAE:
 
     def __init__(self, vae, groups: dict, index: int, rank: int, make_group=None):
         self.vae = vae
-        self.groups = groups  # number of ranks used → the process group of this TP group's first that many
-        self.size = max(groups)  # the TP group's size
+        self.groups = groups  # number of ranks used → the process group of this model group's first that many
+        self.size = max(groups)  # the model group's size
         # make_group(k) → the group of the first k ranks, made when a geometry first needs it (every rank of the
         # job is in this decode); None: `groups` already holds every size the allowed geometries use.
         self.make_group = make_group
-        self.index = index  # this rank's position in its TP group
+        self.index = index  # this rank's position in its model group
         self.rank = rank
         self.band: _Band | None = None
         self._warned_heights = set()
@@ -173,7 +173,7 @@ class RowParallelVAE:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, as_float: bool = False):
-        """decode_latents over the ranks of the TP group, each decoding a band of latent rows.
+        """decode_latents over the ranks of the model group, each decoding a band of latent rows.
 
         Every rank of the group passes the same latents (F, h, w, 16) or (B, F, h, w, 16). Returns on the
         group's first rank the uint8 frames (B, T, 8h, 8w, 3) on CPU (or, `as_float`, the decoder's video
@@ -188,7 +188,7 @@ class RowParallelVAE:
         size = ranks_for_height(height, self.size)
         if size < self.size and self.rank == 0 and height not in self._warned_heights:
             self._warned_heights.add(height)
-            log.warning("VAE decode: latent height %d does not divide by the %d ranks of the TP group; "
+            log.warning("VAE decode: latent height %d does not divide by the %d ranks of the model group; "
                         "decoding on %d rank(s), the largest divisor", height, self.size, size)
         if size not in self.groups:
             if self.make_group is None:
@@ -215,26 +215,25 @@ class RowParallelVAE:
         return None if parts is None else torch.cat(parts, dim=2).cpu()  # (B, T, H, W, 3)
 
 
-def band_sizes(tp: int) -> set:
-    """How many ranks decode, for every allowed geometry, other than 1 and the whole TP group (which need no
-    group of their own): e.g. {4, 6, 7} at tp = 8, none at tp = 2 or 4."""
+def band_sizes(group_size: int) -> set:
+    """How many ranks decode, for every allowed geometry, other than 1 and the whole model group (which need
+    no group of their own): e.g. {4, 6, 7} for a group of 8, none for 2 or 4."""
     heights = {height // VAE_SPATIAL_FACTOR for sizes in RESOLUTIONS.values() for height, _ in sizes}
-    return {ranks_for_height(h, tp) for h in heights} - {1, tp}
+    return {ranks_for_height(h, group_size) for h in heights} - {1, group_size}
 
 
 def _prefix_groups(runtime, sizes) -> dict:
-    """{k: process group of the first k ranks of this rank's TP group} for each k in `sizes`.
+    """{k: process group of the first k ranks of this rank's model group} for each k in `sizes`.
 
-    new_group is collective over the whole world, so every rank creates every TP group's prefixes here,
-    once, in the same order; at decode time each TP group then uses only its own ranks (data-parallel
+    new_group is collective over the whole world, so every rank creates every model group's prefixes here,
+    once, in the same order; at decode time each model group then uses only its own ranks (data-parallel
     groups decode at different times).
     """
-    tp_group = runtime.tp_mesh.get_group()
-    my_ranks = dist.get_process_group_ranks(tp_group)
-    tp, world = runtime.tp_size, dist.get_world_size()
-    firsts = range(0, world, tp)
-    if my_ranks not in [list(range(first, first + tp)) for first in firsts]:
-        raise ValueError(f"row-parallel VAE decode expects TP groups of consecutive ranks; this one is {my_ranks}")
+    my_ranks = dist.get_process_group_ranks(runtime.group_mesh.get_group())
+    size, world = runtime.group_size, dist.get_world_size()
+    firsts = range(0, world, size)
+    if my_ranks not in [list(range(first, first + size)) for first in firsts]:
+        raise ValueError(f"row-parallel VAE decode expects model groups of consecutive ranks; this one is {my_ranks}")
     groups = {}
     for size in sorted(sizes):
         for first in firsts:
@@ -249,19 +248,19 @@ def parallelize_vae(vae, runtime) -> RowParallelVAE:
 
     Collective: every rank of the job calls it, in the same order relative to other group creation. The
     smaller groups a geometry may need are communicators (GPU memory, start-up time), so none is made up
-    front for one TP group (it is made at its first use, when every rank of the job decodes together), and
-    with several TP groups only those the allowed geometries use.
+    front for one model group (it is made at its first use, when every rank of the job decodes together), and
+    with several model groups only those the allowed geometries use.
     """
     if getattr(vae, "_k4flash_row_parallel", None) is not None:
         raise ValueError("this VAE is already parallelized")
-    if runtime.tp_size == 1:
+    if runtime.group_size == 1:
         return RowParallelVAE(vae, {1: None}, 0, runtime.rank)
-    groups = {runtime.tp_size: runtime.tp_mesh.get_group()}
+    groups = {runtime.group_size: runtime.group_mesh.get_group()}
     if runtime.dp_size == 1:
-        return RowParallelVAE(vae, groups, runtime.tp_rank, runtime.rank,
+        return RowParallelVAE(vae, groups, runtime.group_rank, runtime.rank,
                               make_group=lambda size: dist.new_group(list(range(size))))
-    groups.update(_prefix_groups(runtime, band_sizes(runtime.tp_size)))
-    return RowParallelVAE(vae, groups, runtime.tp_rank, runtime.rank)
+    groups.update(_prefix_groups(runtime, band_sizes(runtime.group_size)))
+    return RowParallelVAE(vae, groups, runtime.group_rank, runtime.rank)
 
 
 def decode_latents_parallel(vae, latents: torch.Tensor, as_float: bool = False):

@@ -75,17 +75,24 @@ def test_bad_request_values(workdir, capsys, overrides, message):
     assert written(workdir) == []
 
 
-@pytest.mark.parametrize("world, tp, message", [
-    (3, None, "tensor-parallel degree 3 does not divide"),  # 8 heads, ff 256
-    (4, 3, "parallel.tp=3 does not divide the world size 4; allowed: [1, 2, 4]"),
-    (6, 6, "tensor-parallel degree 6 does not divide"),
+@pytest.mark.parametrize("world, overrides, message", [
+    (3, ["parallel.tp=null"], "tensor-parallel degree 3 does not divide"),  # 8 heads, ff 256
+    (4, ["parallel.tp=3"], "parallel.tp=3 does not divide the world size 4; allowed: [1, 2, 4]"),
+    (6, ["parallel.tp=6"], "tensor-parallel degree 6 does not divide"),
+    (4, ["parallel.ulysses=3"], "parallel.ulysses=3 does not divide the world size 4; allowed: [1, 2, 4]"),
+    (6, ["parallel.ulysses=3"], "Ulysses degree 3 with tp=2 leaves 8/6 heads per rank"),
+    (8, ["parallel.ulysses=2", "parallel.tp=8"], "parallel.tp=8 with parallel.ulysses=2 does not divide the world "
+                                                "size 8; allowed tp: [1, 2, 4]"),
+    (2, ["parallel.plan=fastest"], "parallel.plan='fastest': allowed values are ['manual', 'auto']"),
+    (4, ["parallel.plan=auto", "parallel.gpu_memory_gb=1"], "parallel.plan=auto: no plan of the DiT on 4 GPU(s) "
+                                                            "fits 1 GB per GPU"),
 ])
-def test_parallel_layouts_that_cannot_work_fail_before_any_process_group(workdir, capsys, monkeypatch, world, tp,
-                                                                          message):
+def test_parallel_layouts_that_cannot_work_fail_before_any_process_group(workdir, capsys, monkeypatch, world,
+                                                                          overrides, message):
     # The check runs before init_process_group, so a fake launcher environment is enough.
     monkeypatch.setenv("WORLD_SIZE", str(world))
     monkeypatch.setenv("RANK", "0")
-    status, errors = run_cli([*TINY, f"parallel.tp={'null' if tp is None else tp}"], capsys)
+    status, errors = run_cli([*TINY, *overrides], capsys)
     assert status == 2 and len(errors) == 1 and message in errors[0], errors
     assert not torch.distributed.is_initialized()
     assert written(workdir) == []

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from k4flash.tools import cost
+from k4flash import cost
 from k4flash.dit import DiffusionTransformer3D
 from k4flash.published import PUBLISHED_DIT_PARAMS
 from k4flash.tiny import TINY_DIT_PARAMS, fill_deterministic_
@@ -55,13 +55,25 @@ def test_published_size_figures():
     assert (flops["visual_tokens"], flops["text_tokens"]) == (25_200, 224)
     blocks, tokens, dim = 42, 25_424, 3072
     assert flops["attention"] == blocks * 4 * tokens**2 * dim
-    comm = cost.dit_tp_comm(PUBLISHED_DIT_PARAMS, 8)
-    assert comm["all_reduce_calls"] + comm["all_gather_calls"] == 85  # README: 85 collectives per forward
-    assert comm["all_reduce_bytes"] == 2 * blocks * tokens * dim * 2
+    comm = cost.dit_plan_comm(PUBLISHED_DIT_PARAMS, 8)
+    assert comm["collectives"] == 85  # README: 85 collectives per forward
+    assert comm["payload"]["all_reduce"] == 2 * blocks * tokens * dim * 2
     one, eight = cost.predict(tp=1, vae=dict(conv_flops=0, elementwise_bytes=0)), \
         cost.predict(tp=8, vae=dict(conv_flops=0, elementwise_bytes=0))
     assert eight["dit_step_compute_s"] == pytest.approx(one["dit_step_compute_s"] / 8)
     assert eight["dit_step_comm_s"] > 0 == one["dit_step_comm_s"]
+
+
+def test_published_width_collectives_counted_on_the_meta_device():
+    """The 85 collectives per forward at tp = 8, counted on the real plan code at the published width and depth
+    (21 block pairs, meta tensors), not restated from the formula."""
+    from parallel.plan import Plan, rank_work
+
+    counted = rank_work(PUBLISHED_DIT_PARAMS, Plan(tp=8))
+    assert counted["calls"] == {"all_reduce": 84, "all_gather": 1}
+    assert counted["comm_bytes"] == cost.dit_plan_comm(PUBLISHED_DIT_PARAMS, 8)["payload_bytes"]
+    # bf16 shards of the 5.57 B weights; what each rank keeps whole (embeddings, norms, biases) is ~2 %
+    assert 2 * 5_570_276_928 < counted["weight_bytes"] * 8 < 2 * 5_570_276_928 * 1.03
 
 
 def test_cost_model_command(tmp_path):
@@ -69,26 +81,43 @@ def test_cost_model_command(tmp_path):
     data, markdown = _run(main, [], tmp_path, "cost_model")
     flop_rows = {r["part"]: r["tflop"] for r in _rows(data, 0)}
     assert flop_rows["total, FlopCounterMode (meta)"] == pytest.approx(flop_rows["total"], rel=0.01)
+    plans = _rows(data, 1)
+    assert {r["gpus"] for r in plans} == {1, 2, 4, 8}
+    for row in plans:  # every plan splits the FLOPs; the counted eager traffic is above the fused floor
+        assert row["rank_tflop"] * row["gpus"] == pytest.approx(flop_rows["total"] / 1e12, rel=0.01)
+        assert row["eager_gb"] > row["fused_gb"] > 0 and row["end_to_end_s"] > row["fused_end_to_end_s"]
     vae_row, t5_row, t5_meta = _rows(data, 2)
-    assert 4e14 < vae_row["tflop"] < 5e14  # ~4.65e14 FLOPs of convolutions for 97 frames of 384x672
+    assert vae_row["tflop"] == cost.PUBLISHED_VAE_DECODE["conv_flops"]  # the stored count is the meta run's
+    assert vae_row["bytes"] == cost.PUBLISHED_VAE_DECODE["elementwise_bytes"]
+    assert sum(p.numel() for p in cost.published_vae().parameters()) == cost.VAE_PARAMS
     assert t5_meta["tflop"] == pytest.approx(t5_row["tflop"], rel=0.01)
-    latency = _rows(data, 3)
-    assert {r["tp"] for r in latency} == {1, 8} and all(r["seed_claim_s"] == 11 for r in latency)
-    assert "Predicted latency" in markdown
+    choices = {r["gpus"]: r for r in _rows(data, 3)}
+    assert set(choices) == {"1 x 80 GB", "2 x 80 GB", "4 x 80 GB", "8 x 80 GB", "2 x 24 GB", "4 x 24 GB", "8 x 24 GB"}
+    for name, choice in choices.items():  # the choice is the fastest plan that fits, as the plan table says
+        world, memory = int(name.split()[0]), float(name.split()[2])
+        fitting = [r for r in plans if r["gpus"] == world and r["gpu_memory_gb"] <= memory]
+        assert choice["end_to_end_s"] == pytest.approx(min(r["end_to_end_s"] for r in fitting), rel=0.011)
+    assert "parallel.plan=auto" in markdown
 
 
-def test_tp_command_bytes_match_the_cost_model(tmp_path):
+def test_tp_command_counts_match_the_cost_model(tmp_path):
     from bench.dit_forward import CONFIGS
     from bench.tp import main
-    data, _ = _run(main, ["--config", "tiny", "--degrees", "1", "2", "--repeats", "1"], tmp_path, "tp")
-    one, two = _rows(data)
+    data, markdown = _run(main, ["--config", "tiny", "--degrees", "2", "--repeats", "1"], tmp_path, "tp")
+    rows = {r["plan"]: r for r in _rows(data)}
+    assert set(rows) == {"one rank", "tp", "tp+sp", "ulysses"}
     config = CONFIGS["tiny"]
-    predicted = cost.dit_tp_comm(config["params"], 2, config["latent"][:3], config["text_tokens"], bytes_per_element=4)
-    assert two["bytes_per_rank"] == predicted["payload_bytes"]
-    assert two["calls"] == {"all_reduce": predicted["all_reduce_calls"], "all_gather": 1}
-    assert one["bytes_per_rank"] == 0 and one["speedup"] == 1.0
-    assert two["param_bytes_per_rank"] < one["param_bytes_per_rank"]
-    assert all(r["median_s"] > 0 and r["load_peak_rss_mb_per_rank"] > 0 for r in (one, two))
+    for name, (ulysses, tp, sp) in (("tp", (1, 2, False)), ("tp+sp", (1, 2, True)), ("ulysses", (2, 1, False))):
+        predicted = cost.dit_plan_comm(config["params"], tp, ulysses, sp, config["latent"][:3], config["text_tokens"],
+                                       bytes_per_element=4)
+        row = rows[name]
+        assert row["bytes_per_rank"] == predicted["payload_bytes"] and row["calls"] == predicted["calls"]
+        assert 1.9 < row["flops_split"] <= 2.05 and row["bytes_split"] > 1.1, row
+        assert row["median_s"] > 0 and row["cpu_s"] > 0 and row["load_peak_rss_mb_per_rank"] > 0
+    one = rows["one rank"]
+    assert one["bytes_per_rank"] == 0 and one["speedup"] == 1.0 == one["flops_split"]
+    assert rows["tp"]["param_bytes_per_rank"] < one["param_bytes_per_rank"] == rows["ulysses"]["param_bytes_per_rank"]
+    assert "non-matmul bytes split" in markdown
 
 
 def test_dit_forward_command_eager_reference_and_compiled(tmp_path):

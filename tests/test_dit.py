@@ -144,7 +144,7 @@ def test_patch_order_in_and_out():
     torch.testing.assert_close(emb, model.visual_embeddings.in_layer.weight[:, 37])
     # Make the final Linear emit its own output index, then read where each index lands.
     hook = model.out_layer.out_layer.register_forward_hook(lambda mod, inp, out: torch.arange(64.0).expand_as(out))
-    out = model.out_layer(torch.zeros(1, 1, TINY_DIT_PARAMS["model_dim"]), torch.zeros(1, 32), (1, 1, 1))
+    out = model.out_layer(torch.zeros(1, 1, TINY_DIT_PARAMS["model_dim"]), 1, torch.zeros(1, 32), (1, 1, 1))
     hook.remove()
     assert out.shape == (1, 1, 2, 2, 16)
     assert out[0, 0, 1, 0, 5] == 5 * 4 + 1 * 2 + 0  # index c·4 + ph·2 + pw

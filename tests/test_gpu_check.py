@@ -22,7 +22,7 @@ from torch.autograd import DeviceType
 from bench import gpu_check
 from k4flash.dit_math import DEFAULT_SDPA_BACKENDS
 from k4flash.tiny import TINY_DIT_PARAMS
-from k4flash.tools import cost
+from k4flash import cost
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("1.", "2.", "3.", "4.", "5.", "6.", "7.", "Checks")

@@ -24,7 +24,7 @@ def _sharded_forward(runtime, state):
     from parallel import comm
     model = DiffusionTransformer3D(**TINY_DIT_PARAMS).eval()
     model.load_state_dict(state)
-    parallelize_dit(model, runtime.tp_mesh)
+    parallelize_dit(model, runtime.dit_mesh)
     local_params = sum(p.numel() for p in model.parameters())
     x, text, t = _inputs()
     with torch.no_grad():
@@ -93,14 +93,14 @@ def test_tp_pipeline_gives_the_one_rank_video(world, worlds, one_rank_pipe):
 
 def _load_shard(runtime, checkpoint):
     from parallel.load import load_dit_sharded
-    model = load_dit_sharded(TINY_DIT_PARAMS, checkpoint, runtime.tp_mesh)
+    model = load_dit_sharded(TINY_DIT_PARAMS, checkpoint, runtime.dit_mesh)
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
 def _shard_from_full(runtime, state):
     model = DiffusionTransformer3D(**TINY_DIT_PARAMS)
     model.load_state_dict(state)
-    parallelize_dit(model, runtime.tp_mesh)
+    parallelize_dit(model, runtime.dit_mesh)
     return model.state_dict()
 
 

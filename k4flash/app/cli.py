@@ -15,7 +15,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from k4flash.geometry import validate_request, validate_seed
-from parallel.degrees import env_world, validate_tp_degree, validate_world
+from parallel.degrees import env_world, validate_plan_degrees, validate_world
 
 from .batch import Job, read_prompts_file
 from .config import unknown_keys
@@ -137,16 +137,58 @@ def _raise_terminated(signum, frame):
         raise Terminated(f"received {signal.Signals(signum).name}")
 
 
-def validate_parallel(cfg) -> int:
-    """The TP degree this launch will use, checked against the world size and the model's widths."""
+PLANS = ("manual", "auto")
+
+
+def validate_parallel(cfg) -> tuple:
+    """(tp, ulysses, sequence_parallel) as given (None where not), checked against the world size and the model's
+    widths, before torch is imported."""
     world = env_world()[1]
+    p = cfg.parallel
     try:
-        tp = validate_world(world, cfg.parallel.tp)
-        if tp > 1:
-            validate_tp_degree(OmegaConf.to_container(cfg.model.dit_params), tp)
+        if p.plan not in PLANS:
+            raise ValueError(f"parallel.plan={p.plan!r}: allowed values are {list(PLANS)}")
+        ulysses = 1 if p.ulysses is None else p.ulysses
+        tp = validate_world(world, p.tp if p.plan == "manual" or p.tp is not None else 1, ulysses)
+        if tp > 1 or ulysses > 1:
+            validate_plan_degrees(OmegaConf.to_container(cfg.model.dit_params), tp, ulysses)
     except ValueError as err:
         raise UsageError(str(err)) from None
-    return tp
+    if p.plan == "manual":
+        return tp, ulysses, bool(p.sequence_parallel)
+    return p.tp, p.ulysses, p.sequence_parallel
+
+
+def choose_parallel(cfg, given: tuple, jobs, device) -> tuple:
+    """parallel.plan=auto: the fastest plan the cost model predicts for the first video that fits the GPUs'
+    memory, among those that agree with what was given; logged with its prediction (rank 0)."""
+    if cfg.parallel.plan != "auto":
+        return given
+    from k4flash.geometry import latent_shape
+    from parallel.plan import choose_plan
+
+    world = env_world()[1]
+    memory_gb = cfg.parallel.gpu_memory_gb
+    if memory_gb is None:
+        import torch
+        memory_gb = torch.cuda.get_device_properties(device).total_memory / 1e9 if device.type == "cuda" \
+            else float("inf")
+    params = OmegaConf.to_container(cfg.model.dit_params)
+    job = jobs[0]
+    latent = latent_shape(job.time_length, job.height, job.width)[:3]
+    tp, ulysses, sp = given
+    try:
+        plan, rows = choose_plan(params, world, memory_gb, latent_fhw=latent, allowed=lambda p: (
+            (tp is None or p.tp == tp) and (ulysses is None or p.ulysses == ulysses)
+            and (sp is None or p.sequence_parallel == sp)))
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    row = next(r for r in rows if r["plan_object"] == plan)
+    if env_world()[0] == 0:
+        log.info("parallel.plan=auto on %d GPU(s), %s: %s (predicted %.2f s per video on H100s, %.1f GB per GPU; "
+                 "%d plans considered)", world, "no memory limit" if memory_gb == float("inf") else
+                 f"{memory_gb:g} GB each", plan, row["end_to_end_s"], row["gpu_memory_gb"], len(rows))
+    return plan.tp, plan.ulysses, plan.sequence_parallel
 
 
 def generate_from_config(cfg) -> int:
@@ -154,13 +196,14 @@ def generate_from_config(cfg) -> int:
     # 1. Everything the user typed, checked before any weights load or process group forms.
     started = time.perf_counter()
     jobs = plan_jobs(cfg)
-    validate_parallel(cfg)
+    given = validate_parallel(cfg)
     from k4flash.devices import resolve_device, resolve_dtype  # torch: only past the checks that need none
     from parallel.health import RankHealth
     from parallel.runtime import init_runtime
 
     device = resolve_device(cfg.device, env_world()[2])
     dtype = resolve_dtype(cfg.dtype, device)
+    tp, ulysses, sequence_parallel = choose_parallel(cfg, given, jobs, device)
     batch = bool(cfg.prompts_file)
     todo = [job for job in jobs if cfg.overwrite or not batch or not job.is_complete()]
     if len(todo) < len(jobs):
@@ -170,8 +213,9 @@ def generate_from_config(cfg) -> int:
     # Before the process group: transformers writes files on rank 0 only once one exists.
     weights_dir = check_weights(cfg)
 
-    # 2. Join the (dp, tp) mesh, with heartbeats so that a failure names the rank at fault.
-    runtime = init_runtime(cfg.device, cfg.parallel.timeout_s, tp=cfg.parallel.tp)
+    # 2. Join the (dp, ulysses, tp) mesh, with heartbeats so that a failure names the rank at fault.
+    runtime = init_runtime(cfg.device, cfg.parallel.timeout_s, tp=tp, ulysses=ulysses,
+                           sequence_parallel=sequence_parallel)
     health = None
     if runtime.distributed:
         from k4flash.outputs import discard_in_flight
@@ -227,15 +271,16 @@ def _generate(cfg, runtime, dtype, weights_dir, todo, health) -> int:
     clock = time.perf_counter()
     pipe = build_pipeline(cfg, runtime, dtype, weights_dir)
     load_s = time.perf_counter() - clock
-    log.info("loaded %s on %s (%s, %d rank(s): dp %d x tp %d) in %.1f s", cfg.model.name, runtime.device,
-             str(dtype).replace("torch.", ""), runtime.world_size, runtime.dp_size, runtime.tp_size, load_s)
+    log.info("loaded %s on %s (%s, %d rank(s): dp %d x ulysses %d x tp %d%s) in %.1f s", cfg.model.name,
+             runtime.device, str(dtype).replace("torch.", ""), runtime.world_size, runtime.dp_size,
+             runtime.ulysses_size, runtime.tp_size, " + sequence parallel" if runtime.sequence_parallel else "", load_s)
     metadata = {"model": cfg.model.name, "untrained": bool(cfg.model.untrained),
                 "config": OmegaConf.to_container(cfg, resolve=True)}
     batch = bool(cfg.prompts_file)
     overwrite = cfg.overwrite or batch  # a batch job still pending may have a stale half: replace it
     written_log = _written_log(runtime)
 
-    # 4. Each TP group takes every dp_size-th job; its first rank decodes and writes.
+    # 4. Each model group takes every dp_size-th job; its first rank decodes and writes.
     failed = 0
     for job in todo[runtime.dp_rank::runtime.dp_size]:
         if health is not None:
@@ -288,7 +333,7 @@ def run(cfg) -> None:
     input, before anything loads · 3 another rank died, hung or failed (rank 0 names it)
     · 130 Ctrl-C · 143 SIGTERM. Every failure is one `error:` line from rank 0, finished
     outputs are kept, nothing half-written is left, and the process group is destroyed on
-    every path. Under torchrun every rank runs this; each TP group's first rank writes.
+    every path. Under torchrun every rank runs this; each model group's first rank writes.
     """
     is_main = env_world()[0] == 0
     if not is_main:

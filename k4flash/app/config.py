@@ -58,16 +58,26 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    tp: Optional[int] = key("tensor-parallel degree K, ranks per DiT replica (keep it within a node); the world "
-                            "size W = D·K gives D data-parallel groups, each with its share of the prompts; "
-                            "null = all ranks in one TP group", None)
+    plan: str = key("manual: tp / ulysses / sequence_parallel as given; auto: the plan the cost model predicts "
+                    "fastest for one video that fits parallel.gpu_memory_gb (any of the three given still wins); "
+                    "README \"Which plan?\"", "manual")
+    tp: Optional[int] = key("tensor-parallel degree K: ranks that split the DiT's weights (keep it within a node); "
+                            "the world size W = D·U·K gives D data-parallel groups, each with its share of the "
+                            "prompts; null = every rank that ulysses leaves", None)
+    ulysses: Optional[int] = key("Ulysses degree U: ranks that split the tokens, with an all-to-all around "
+                                 "attention; heads 48 / (tp·U) must be whole; null = 1 (auto: chosen)", None)
+    sequence_parallel: Optional[bool] = key("the TP ranks split the tokens too (all-gather / reduce-scatter "
+                                            "instead of all-reduce); null = false (auto: chosen)", None)
+    gpu_memory_gb: Optional[float] = key("plan=auto: memory per GPU to plan for; null = the device's own "
+                                         "(no limit on CPU)", None)
     timeout_s: float = key("seconds a collective may wait before the job fails (a dead or hung rank)", 600.0)
 
 
 @dataclass
 class VAEConfig:
-    parallel: bool = key("with a TP group of more than one rank, all of them decode a band of latent rows (exact: "
-                         "the one-rank frames) and its first rank writes; false: the first rank decodes alone", True)
+    parallel: bool = key("with a model group (ulysses x tp) of more than one rank, all of them decode a band of "
+                         "latent rows (exact: the one-rank frames) and its first rank writes; false: the first "
+                         "rank decodes alone", True)
 
 
 @dataclass

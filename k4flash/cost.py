@@ -84,24 +84,75 @@ def dit_flops(params: dict, latent_fhw=PUBLISHED_LATENT, text_tokens=TEXT_TOKENS
     return out
 
 
-def dit_tp_comm(params: dict, tp: int, latent_fhw=PUBLISHED_LATENT, text_tokens=TEXT_TOKENS,
-                bytes_per_element=2, batch=1) -> dict:
-    """Collectives and bytes of one DiT forward per rank at TP degree `tp` (none at tp = 1).
+def token_shards(total: int, tp=1, ulysses=1, sequence_parallel=False) -> dict:
+    """How a plan splits S = N + L tokens: shards, padded length, tokens per rank between blocks (local) and in
+    one Ulysses shard (ulysses_shard: what a TP group works on). Unsharded (plain TP, or one rank): S itself."""
+    count = ulysses * (tp if sequence_parallel and tp > 1 else 1)
+    padded = -(-total // count) * count
+    return dict(count=count, padded=padded, local=padded // count, ulysses_shard=padded // ulysses)
 
-    `payload_bytes` is what parallel.comm.STATS counts (each tensor handed to a collective);
-    `ring_bytes_sent` is what a ring algorithm puts on each rank's link.
+
+def dit_plan_comm(params: dict, tp=1, ulysses=1, sequence_parallel=False, latent_fhw=PUBLISHED_LATENT,
+                  text_tokens=TEXT_TOKENS, bytes_per_element=2, batch=1) -> dict:
+    """Collectives of one DiT forward per rank for a plan (parallel/tp.py, parallel/sequence.py).
+
+    calls / payload: {op: count} and {op: bytes this rank hands to that op}, as parallel.comm.STATS
+    counts them; payload_bytes: their sum; wire_bytes: what each rank puts on its link (ring
+    all-reduce 2(k-1)/k of the tensor; all-gather (k-1)x the local piece; reduce-scatter and
+    all-to-all (k-1)/k of the input).
     """
-    if tp == 1:
-        return dict(all_reduce_calls=0, all_gather_calls=0, all_reduce_bytes=0, payload_bytes=0,
-                    ring_bytes_sent=0)
+    sp = sequence_parallel and tp > 1
     S = dit_tokens(params, latent_fhw) + text_tokens
-    D = params["model_dim"]
+    D, e = params["model_dim"], bytes_per_element * batch
     blocks = 2 * params["num_blocks"]
-    all_reduce_bytes = 2 * blocks * batch * S * D * bytes_per_element
-    gathered_bytes = batch * (blocks * 2 * 6 * D + 2 * D) * bytes_per_element  # every modulation output
-    return dict(all_reduce_calls=2 * blocks, all_gather_calls=1, all_reduce_bytes=all_reduce_bytes,
-                payload_bytes=all_reduce_bytes + gathered_bytes // tp,
-                ring_bytes_sent=2 * (tp - 1) / tp * all_reduce_bytes + (tp - 1) / tp * gathered_bytes)
+    shards = token_shards(S, tp, ulysses, sp)
+    s, s_u = shards["local"], shards["ulysses_shard"]
+    calls, payload, wire = {}, {}, 0.0
+
+    def add(op, n, each, sent_per_call):
+        nonlocal wire
+        calls[op] = calls.get(op, 0) + n
+        payload[op] = payload.get(op, 0) + n * each
+        wire += n * sent_per_call
+
+    if tp > 1:
+        modulation = (blocks * 2 * 6 * D + 2 * D) * e // tp  # this rank's rows of every modulation output
+        add("all_gather", 1, modulation, (tp - 1) * modulation)
+        if sp:  # per block: gather before QKV and the MLP's input layer, reduce-scatter after the two row layers
+            add("all_gather", 2 * blocks, s * D * e, (tp - 1) * s * D * e)
+            add("reduce_scatter", 2 * blocks, s_u * D * e, (tp - 1) / tp * s_u * D * e)
+        else:
+            add("all_reduce", 2 * blocks, s_u * D * e, 2 * (tp - 1) / tp * s_u * D * e)
+    if ulysses > 1:  # q, k, v of this rank's TP heads there, the attention output back
+        for width in (3 * D // tp, D // tp):
+            add("all_to_all", blocks, s_u * width * e, (ulysses - 1) / ulysses * s_u * width * e)
+    out = math.prod(params["patch_size"]) * params["out_visual_dim"]  # the output layer's values per token
+    if sp:  # the output layer's rows gathered from every token shard, TP level first
+        add("all_gather", 1, s * out * e, (tp - 1) * s * out * e)
+    if ulysses > 1:
+        add("all_gather", 1, s_u * out * e, (ulysses - 1) * s_u * out * e)
+    return dict(calls=calls, payload=payload, payload_bytes=sum(payload.values()), wire_bytes=wire,
+                collectives=sum(calls.values()))
+
+
+def dit_fused_bytes(params: dict, tp=1, ulysses=1, sequence_parallel=False, latent_fhw=PUBLISHED_LATENT,
+                    text_tokens=TEXT_TOKENS, bytes_per_element=2, batch=1) -> int:
+    """Memory-bound traffic of one DiT forward per rank once torch.compile fuses each block's elementwise work.
+
+    Each fused region reads its activations once and writes its result once: per block, twice
+    (attention, MLP) norm + modulate (read x, write h: 2tD) and the gated residual (read x and
+    the update, write x: 3tD) over the rank's t tokens; q/k norms, RoPE and the layout copies
+    (read q, k, v, write them: 6·S·w over the whole sequence and the rank's attention width w);
+    GELU (2·t_u·F/tp over the tokens the TP layers see). An estimate, not a count: eager
+    traffic is counted (parallel/plan.py), this is its floor.
+    """
+    sp = sequence_parallel and tp > 1
+    S = dit_tokens(params, latent_fhw) + text_tokens
+    D, F = params["model_dim"], params["ff_dim"]
+    shards = token_shards(S, tp, ulysses, sp)
+    t, t_u, width = shards["local"], shards["ulysses_shard"], D // (tp * ulysses)
+    per_block = 2 * (2 * t * D + 3 * t * D) + 6 * S * width + 2 * t_u * F // tp
+    return 2 * params["num_blocks"] * per_block * bytes_per_element * batch
 
 
 def t5_encoder_flops(tokens=TEXT_TOKENS, d_model=4096, d_ff=10240, num_layers=24, num_heads=64, d_kv=64,
@@ -122,9 +173,15 @@ def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, 
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
+def _addmm_inplace_flops(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs):
+    (m, k), n = a_shape, b_shape[1]
+    return 2 * m * n * k
+
+
 def flop_counter() -> FlopCounterMode:
-    """FlopCounterMode that also counts CPU SDPA (torch registers formulas for the CUDA kernels only)."""
-    mapping = {}
+    """FlopCounterMode that also counts CPU SDPA (torch registers formulas for the CUDA kernels only) and in-place
+    addmm_."""
+    mapping = {torch.ops.aten.addmm_: _addmm_inplace_flops}  # the Ulysses output projection accumulates with it
     cpu_flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     if cpu_flash is not None:
         mapping[cpu_flash] = _sdpa_cpu_flops
@@ -165,6 +222,82 @@ class MemoryTraffic(TorchDispatchMode):
         return out
 
 
+_MATMUL_OPS = {"mm", "addmm", "addmm_", "bmm", "baddbmm", "matmul", "linear", "convolution"}
+# Allocations, and _unsafe_view: the reshape that follows a copy (the copy is counted), an alias itself.
+_NO_TRAFFIC_OPS = {"empty", "empty_like", "empty_strided", "new_empty", "zeros", "ones", "scalar_tensor",
+                   "_unsafe_view"}
+
+
+class RankWork(TorchDispatchMode):
+    """One rank's memory-bound traffic: bytes each non-matmul, non-view op reads and writes.
+
+    Matmuls and everything inside joint attention (`attention_region`) are compute, counted as
+    FLOPs instead; collectives are communication (c10d ops, and whatever a backend does inside
+    one: wrap its calls with `uncounted`); allocations move nothing. Bytes are numel ×
+    bytes_per_element whatever the dtype (a bf16 run's traffic from an fp32 one).
+    """
+
+    def __init__(self, bytes_per_element=2):
+        super().__init__()
+        self.bytes_per_element = bytes_per_element
+        self.bytes = 0
+        self.skipping = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if func.is_view or self.skipping or func.namespace == "c10d" or name in _MATMUL_OPS \
+                or name in _NO_TRAFFIC_OPS or "scaled_dot_product" in name:
+            return out
+        tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
+        self.bytes += sum(t.numel() for t in tensors) * self.bytes_per_element
+        return out
+
+    def uncounted(self, fn):
+        """fn, with nothing it dispatches counted (gloo copies buffers inside a collective; NCCL does not)."""
+        def call(*args, **kwargs):
+            skipping, self.skipping = self.skipping, True
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.skipping = skipping
+        return call
+
+    def attention_region(self):
+        """A context in which the DiT's joint attention counts as compute (its SDPA kernel is one fused op on a
+        GPU; on the meta device SDPA decomposes into bmm and softmax)."""
+        import contextlib
+
+        from k4flash import dit
+
+        @contextlib.contextmanager
+        def region():
+            original = dit.joint_attention
+            dit.joint_attention = self.uncounted(original)
+            try:
+                yield self
+            finally:
+                dit.joint_attention = original
+        return region()
+
+
+# AutoencoderKLCogVideoX at its published config: parameters, and vae_decode_counts() at the published
+# geometry (25 latent frames of 48 x 84); tests hold both to a meta-device run.
+VAE_PARAMS = 215_583_907
+PUBLISHED_VAE_DECODE = dict(conv_flops=464_843_521_916_928, elementwise_bytes=1_460_153_230_848,
+                            frames=(1, 3, 97, 384, 672), row_parallel_collectives=936)
+
+
+def scaled_vae_counts(latent_fhw=PUBLISHED_LATENT) -> dict:
+    """PUBLISHED_VAE_DECODE scaled by the latent volume (the decode is convolutional: linear in it), without
+    the ~20 s meta run; the frame count and size follow the geometry."""
+    ratio = math.prod(latent_fhw) / math.prod(PUBLISHED_LATENT)
+    f, h, w = latent_fhw
+    return dict(PUBLISHED_VAE_DECODE, conv_flops=PUBLISHED_VAE_DECODE["conv_flops"] * ratio,
+                elementwise_bytes=PUBLISHED_VAE_DECODE["elementwise_bytes"] * ratio,
+                frames=(1, 3, 4 * (f - 1) + 1, 8 * h, 8 * w))
+
+
 def published_vae(device="meta"):
     """CogVideoX's AutoencoderKLCogVideoX at its published size (the class defaults are that config)."""
     from diffusers import AutoencoderKLCogVideoX
@@ -203,22 +336,26 @@ def vae_decode_counts(latent_fhw=PUBLISHED_LATENT, vae=None, frames_per_chunk=2)
 
 
 def predict(params=None, gpu=H100_SXM, tp=1, mfu=1.0, steps=NUM_STEPS, latent_fhw=PUBLISHED_LATENT,
-            text_tokens=TEXT_TOKENS, vae=None, vae_ranks=1) -> dict:
-    """Predicted seconds per stage for one video on `tp` GPUs at model-FLOP utilisation `mfu`.
+            text_tokens=TEXT_TOKENS, vae=None, vae_ranks=1, ulysses=1, sequence_parallel=False,
+            rank_flops=None, rank_memory_bytes=None) -> dict:
+    """Predicted seconds per stage for one video on tp · ulysses GPUs at model-FLOP utilisation `mfu`.
 
-    DiT step = FLOPs / (tp · peak · mfu) + ring all-reduce bytes / link + calls · latency,
-    with no overlap of compute and communication. T5 runs on one GPU (rank 0) and takes the
-    larger of its compute and reading its weights once. The VAE adds its elementwise traffic
-    at HBM bandwidth to its convolution time, split over `vae_ranks` GPUs by the row-parallel
-    decode (vae.parallel) plus one latency per halo exchange / GroupNorm all-reduce and the
-    uint8 frame gather. `vae`: vae_decode_counts().
+    DiT step = rank FLOPs / (peak · mfu) + memory-bound bytes / HBM + wire bytes / link + calls ·
+    latency, with no overlap. rank_flops / rank_memory_bytes: one rank's counts (parallel/plan.py
+    counts them on the meta device); by default the FLOPs split evenly and no memory-bound term.
+    T5 runs on one GPU and takes the larger of its compute and reading its weights once. The VAE
+    adds its elementwise traffic at HBM bandwidth to its convolution time, split over `vae_ranks`
+    GPUs by the row-parallel decode (vae.parallel) plus one latency per halo exchange / GroupNorm
+    all-reduce and the uint8 frame gather. `vae`: vae_decode_counts().
     """
     params = params or PUBLISHED_DIT_PARAMS
+    ranks = tp * ulysses
     flops = dit_flops(params, latent_fhw, text_tokens)
-    comm = dit_tp_comm(params, tp, latent_fhw, text_tokens)
-    compute_s = flops["total"] / (tp * gpu.peak_bf16_flops * mfu)
-    comm_s = comm["ring_bytes_sent"] / gpu.link_bytes_per_s + \
-        (comm["all_reduce_calls"] + comm["all_gather_calls"]) * gpu.collective_latency_s
+    comm = dit_plan_comm(params, tp, ulysses, sequence_parallel, latent_fhw, text_tokens)
+    rank_flops = flops["total"] / ranks if rank_flops is None else rank_flops
+    compute_s = rank_flops / (gpu.peak_bf16_flops * mfu)
+    memory_s = (rank_memory_bytes or 0) / gpu.hbm_bytes_per_s
+    comm_s = comm["wire_bytes"] / gpu.link_bytes_per_s + comm["collectives"] * gpu.collective_latency_s
     t5 = t5_encoder_flops(text_tokens, **T5_XXL)
     t5_s = max(t5["total"] / (gpu.peak_bf16_flops * mfu), 2 * t5_encoder_params(**T5_XXL) / gpu.hbm_bytes_per_s)
     vae = vae or vae_decode_counts(latent_fhw)
@@ -226,7 +363,8 @@ def predict(params=None, gpu=H100_SXM, tp=1, mfu=1.0, steps=NUM_STEPS, latent_fh
     if vae_ranks > 1:
         frame_bytes = math.prod(vae.get("frames", (1,)))  # the bands are gathered as uint8: a byte per value
         vae_s += vae.get("row_parallel_collectives", 0) * gpu.collective_latency_s + frame_bytes / gpu.link_bytes_per_s
-    step_s = compute_s + comm_s
-    return dict(gpu=gpu.name, tp=tp, mfu=mfu, steps=steps, dit_step_compute_s=compute_s, dit_step_comm_s=comm_s,
+    step_s = compute_s + memory_s + comm_s
+    return dict(gpu=gpu.name, tp=tp, ulysses=ulysses, sequence_parallel=sequence_parallel, mfu=mfu, steps=steps,
+                dit_step_compute_s=compute_s, dit_step_memory_s=memory_s, dit_step_comm_s=comm_s,
                 dit_step_s=step_s, denoise_s=steps * step_s, t5_s=t5_s, vae_ranks=vae_ranks, vae_s=vae_s,
                 end_to_end_s=t5_s + steps * step_s + vae_s)
