@@ -1,6 +1,6 @@
 """The cost model at the published size: FLOPs, each plan's predicted H100 time and memory, the planner's choice.
 
-    python -m bench.cost_model [--mfu 0.5] [--degrees 1 2 4 8] [--no-meta-check] [--json F] [--md F]
+    python -m bench.cost_model [--mfu 0.5] [--degrees 1 2 4 8] [--no-meta-check] [--memory] [--json F] [--md F]
 
 No weights and no accelerator: the DiT and T5 counts are arithmetic, cross-checked with
 torch.utils.flop_counter on meta-device modules of the published size; each plan's work per
@@ -21,7 +21,8 @@ from bench.report import Report, add_output_args  # noqa: E402
 from k4flash import cost  # noqa: E402
 from k4flash.dit import DiffusionTransformer3D  # noqa: E402
 from k4flash.published import PUBLISHED_DIT_PARAMS  # noqa: E402
-from parallel.plan import candidate_plans, choose_plan, predict_plan  # noqa: E402
+from parallel.plan import (ALLOCATOR_HEADROOM, COMMUNICATOR_BYTES, CUDA_CONTEXT_BYTES, OFFLOADS,  # noqa: E402
+                           candidate_plans, choose_plan, predict_plan, rank_memory)
 
 
 def meta_dit_flops(params=PUBLISHED_DIT_PARAMS, latent_fhw=cost.PUBLISHED_LATENT,
@@ -77,6 +78,63 @@ def plan_rows(degrees, mfu, vae, gpu=cost.H100_SXM) -> list:
     return rows
 
 
+CHOICE_COLUMNS = [("gpus", "GPUs", None), ("plan", "plan", None), ("offload", "text_encoder.offload", None),
+                  ("end_to_end_s", "video s", _s), ("gpu_memory_gb", "GB / GPU", ".1f"),
+                  ("peak_stage", "peak at", None), ("note", "", None)]
+
+
+def planner_choices(degrees, sizes_gb, mfu, gpu=cost.H100_SXM) -> list:
+    """parallel.plan=auto's choice (plan and text-encoder offload) for each GPU count and memory size."""
+    rows = []
+    for memory_gb in sizes_gb:
+        for world in degrees:
+            name = f"{world} x {memory_gb} GB"
+            try:
+                plan, offload, candidates = choose_plan(PUBLISHED_DIT_PARAMS, world, memory_gb, gpu, mfu)
+            except ValueError as err:
+                rows.append(dict(gpus=name, plan="does not fit", note=str(err).split(": ", 1)[1]))
+                continue
+            row = next(r for r in candidates if r["plan_object"] == plan and r["offload"] == offload)
+            rows.append(dict(gpus=name, plan=str(plan), offload=offload, end_to_end_s=row["end_to_end_s"],
+                             gpu_memory_gb=row["gpu_memory_gb"], peak_stage=row["memory"]["peak_stage"],
+                             note=f"{sum(r['fits'] for r in candidates)} of {len(candidates)} (plan, offload) fit"))
+    return rows
+
+
+def memory_report(mfu=0.5, degrees=(1, 2, 4, 8), sizes_gb=(24, 40, 80), gpu=cost.H100_SXM) -> Report:
+    """Peak GPU memory per rank of every plan and text-encoder offload, against common GPU sizes."""
+    report = Report("cost_model_memory", gpu=gpu.name, latent=cost.PUBLISHED_LATENT)
+    rows = []
+    for world in degrees:
+        for plan in candidate_plans(PUBLISHED_DIT_PARAMS, world):
+            if plan.dp > 1:
+                continue
+            for offload in OFFLOADS:
+                m = rank_memory(PUBLISHED_DIT_PARAMS, plan, offload)
+                stages = m["stages"]
+                rows.append(dict(gpus=world, plan=str(plan), offload=offload, dit=m["dit_weights"] / 1e9,
+                                 t5=m["text_encoder"] / 1e9, dit_acts=m["dit_activations"] / 1e9,
+                                 vae_acts=m["vae_activations"] / 1e9, encode=stages["encode"] / 1e9,
+                                 denoise=stages["denoise"] / 1e9, decode=stages["decode"] / 1e9,
+                                 peak=m["peak"] / 1e9, **{f"fits_{size}": "yes" if m["peak"] / 1e9 <= size else "no"
+                                                          for size in sizes_gb}))
+    report.table("Peak GPU memory of a model group's first rank (T5, VAE, DiT shard), GB, one 12 s 672x384 video, "
+                 "bf16", [("gpus", "GPUs", None), ("plan", "plan", None), ("offload", "text_encoder.offload", None),
+                          ("dit", "DiT weights", ".2f"), ("t5", "T5 resident", ".2f"),
+                          ("dit_acts", "DiT activations", ".2f"), ("vae_acts", "VAE decode activations", ".2f"),
+                          ("encode", "encode", ".1f"), ("denoise", "denoise", ".1f"), ("decode", "decode", ".1f"),
+                          ("peak", "peak", ".1f")] + [(f"fits_{size}", f"{size} GB", None) for size in sizes_gb],
+                 rows)
+    report.table("Which GPUs? The planner's choice for each count and size", CHOICE_COLUMNS,
+                 planner_choices(degrees, sizes_gb, mfu, gpu))
+    report.note("Each stage: resident weights + that stage's activations (counted on the meta device), x "
+                f"{ALLOCATOR_HEADROOM} allocator headroom, + {CUDA_CONTEXT_BYTES / 1e9:g} GB CUDA context + "
+                f"{COMMUNICATOR_BYTES / 1e9:g} GB per communicator. The VAE decodes a band of 1/(ulysses x tp) of "
+                "the rows (vae.parallel=true). after_encode: T5 loads first and is freed before the DiT loads; "
+                "cpu: T5 in pinned host memory, 2 blocks on the GPU at a time.")
+    return report
+
+
 def build_report(mfu=0.5, degrees=(1, 2, 4, 8), meta_check=True) -> Report:
     params = PUBLISHED_DIT_PARAMS
     gpu = cost.H100_SXM
@@ -116,21 +174,8 @@ def build_report(mfu=0.5, degrees=(1, 2, 4, 8), meta_check=True) -> Report:
     report.table("VAE decode and text encode", [("stage", "stage", None), ("tflop", "TFLOP", _tf),
                                                 ("bytes", "GB moved", _gb), ("note", "what", None)], other)
 
-    choices = []
-    for world, memory_gb in [(n, 80) for n in degrees] + [(n, 24) for n in degrees if n > 1]:
-        try:
-            plan, candidates = choose_plan(params, world, memory_gb, gpu, mfu)
-        except ValueError as err:
-            choices.append(dict(gpus=f"{world} x {memory_gb} GB", plan="none fits", note=str(err)))
-            continue
-        row = next(r for r in candidates if r["plan_object"] == plan)
-        choices.append(dict(gpus=f"{world} x {memory_gb} GB", plan=str(plan), end_to_end_s=row["end_to_end_s"],
-                            gpu_memory_gb=row["gpu_memory_gb"], seed_claim_s=cost.SEED_CLAIM_S,
-                            note=f"{sum(r['fits'] for r in candidates)} of {len(candidates)} plans fit"))
-    report.table("parallel.plan=auto: the plan chosen (fastest predicted video that fits), with its prediction", [
-        ("gpus", "GPUs", None), ("plan", "plan", None), ("end_to_end_s", "video s", _s),
-        ("gpu_memory_gb", "GB / GPU", ".1f"), ("seed_claim_s", "model card (1 H100) s", ".0f"),
-        ("note", "", None)], choices)
+    report.table("parallel.plan=auto: the plan chosen (fastest predicted video that fits), with its prediction",
+                 CHOICE_COLUMNS, planner_choices(degrees, (80, 24), mfu, gpu))
     report.note(f"{gpu.name}: {gpu.peak_bf16_flops / 1e12:.1f} TFLOP/s dense bf16, {gpu.hbm_bytes_per_s / 1e12:.2f} "
                 f"TB/s HBM, {gpu.link_bytes_per_s / 1e9:.0f} GB/s NVLink per direction (datasheet). MFU {mfu:.0%} is an "
                 f"assumption, not a measurement.")
@@ -149,8 +194,13 @@ def main(argv=None):
     parser.add_argument("--mfu", type=float, default=0.5, help="assumed model-FLOP utilisation for the second row")
     parser.add_argument("--degrees", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--no-meta-check", action="store_true", help="skip the FlopCounterMode cross-checks")
+    parser.add_argument("--memory", action="store_true",
+                        help="instead: peak GPU memory per rank for each plan and text-encoder offload, and the "
+                             "planner's choice for 24, 40 and 80 GB GPUs")
     add_output_args(parser)
     args = parser.parse_args(argv)
+    if args.memory:
+        return memory_report(args.mfu, args.degrees).emit(args.json, args.md)
     return build_report(args.mfu, args.degrees, not args.no_meta_check).emit(args.json, args.md)
 
 

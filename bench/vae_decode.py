@@ -7,7 +7,8 @@ random-weight AutoencoderKLCogVideoX, wrap it with parallel.vae.parallelize_vae 
 decode the same latents `--repeats` times after a warm-up, through decode_latents (1 rank) or
 decode_latents_parallel (uint8 frames gathered on rank 0). Printed per rank count: median decode
 time (slowest rank per repeat) and speed-up over 1 rank measured in this run, collectives and MB
-each rank sent per decode, each rank's peak RSS growth during a decode (max over ranks), and how
+each rank sent per decode, each rank's peak RSS growth during a decode (max over ranks) next to the
+memory model's count of a band's decode (cost.vae_decode_peak_bytes on the meta device), and how
 many uint8 values differ from the 1-rank frames.
 
 CPU caveat: with one thread, PyTorch runs a batch-1 conv3d through oneDNN only when
@@ -27,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from bench.report import Report, add_output_args, time_calls  # noqa: E402
 from bench.tp import _peak_growth_mb, _status_mb  # noqa: E402
+from k4flash import cost  # noqa: E402
 from k4flash.tiny import TINY_VAE_CONFIG, fill_deterministic_  # noqa: E402
 from tests.spawn import run_ranks  # noqa: E402
 
@@ -115,8 +117,12 @@ def main(argv=None):
                          uint8_differing=None if reference is None else int((frames != reference).sum()),
                          frames_shape=list(frames.shape)))
     base = next((r["median_s"] for r in rows if r["ranks"] == 1), None)
+    vae, latents = _build(args.config)
     for r in rows:
         r["speedup"] = base / r["median_s"] if base else None
+        # The memory model's figure for one band (k4flash/cost.py vae_decode_peak_bytes, on the meta device)
+        r["predicted_peak_mb"] = cost.vae_decode_peak_bytes(tuple(latents.shape[:3]), r["ranks"],
+                                                            vae=vae.to("meta"), dtype=torch.float32) / 2**20
     frames, height, width = CONFIGS[args.config]["latent"]
     report = Report("vae_decode", config=args.config, latents=f"{frames}x{height}x{width}",
                     frames=rows[0]["frames_shape"], dtype="float32", threads_per_rank=1, repeats=args.repeats)
@@ -124,6 +130,7 @@ def main(argv=None):
         ("ranks", "ranks", None), ("median_s", "decode median s", ".3f"), ("speedup", "speed-up vs 1 rank", ".2f"),
         ("calls", "collectives / decode", _calls), ("mb_sent_per_rank", "MB sent / rank", ".2f"),
         ("peak_rss_mb_per_rank", "decode peak RSS MB / rank", ".1f"),
+        ("predicted_peak_mb", "predicted peak MB / rank (meta count)", ".1f"),
         ("uint8_differing", "uint8 values differing from 1 rank", None),
     ], rows)
     return report.emit(args.json, args.md)

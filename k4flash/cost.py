@@ -26,6 +26,7 @@ and the bytes every other (memory-bound) op reads and writes, at 2 bytes per ele
 (bf16) and with no fusion. T5-XXL is analytic (`t5_encoder_flops`), checked the same way.
 """
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -164,9 +165,13 @@ def t5_encoder_flops(tokens=TEXT_TOKENS, d_model=4096, d_ff=10240, num_layers=24
     return dict(linear=linear, attention=attention, total=linear + attention)
 
 
+def t5_block_params(d_model=4096, d_ff=10240, num_heads=64, d_kv=64, **_) -> int:
+    """One T5 v1.1 encoder block: q, k, v, o; the gated MLP's three matrices; two RMSNorm weights."""
+    return 4 * d_model * num_heads * d_kv + 3 * d_model * d_ff + 2 * d_model
+
+
 def t5_encoder_params(d_model=4096, d_ff=10240, num_layers=24, num_heads=64, d_kv=64, vocab_size=32128) -> int:
-    per_layer = 4 * d_model * num_heads * d_kv + 3 * d_model * d_ff + 2 * d_model
-    return vocab_size * d_model + num_layers * per_layer + d_model
+    return vocab_size * d_model + num_layers * t5_block_params(d_model, d_ff, num_heads, d_kv) + d_model
 
 
 def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
@@ -281,11 +286,81 @@ class RankWork(TorchDispatchMode):
         return region()
 
 
+class LivePeak(TorchDispatchMode):
+    """The most bytes of tensors alive at once among those the ops under it create (meta tensors work).
+
+    A storage counts from the op that makes it until the last tensor viewing it is freed; storages
+    that existed before (weights, inputs) are not counted. No allocator rounding or caching: a floor
+    for what a device allocator holds.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._storages = {}  # storage key → [bytes, tensors alive that view it]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage()._cdata for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        for tensor in torch.utils._pytree.tree_leaves(out):
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            key = tensor.untyped_storage()._cdata
+            entry = self._storages.get(key)
+            if entry is None:
+                if key in inputs:  # a view of, or an in-place op on, a tensor made outside
+                    continue
+                entry = self._storages[key] = [tensor.untyped_storage().nbytes(), 0]
+                self.live += entry[0]
+                self.peak = max(self.peak, self.live)
+            entry[1] += 1
+            weakref.finalize(tensor, self._release, key)
+        return out
+
+    def _release(self, key):
+        entry = self._storages[key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.live -= entry[0]
+            del self._storages[key]
+
+
+def vae_decode_peak_bytes(latent_fhw=PUBLISHED_LATENT, bands=1, vae=None, dtype=torch.bfloat16) -> int:
+    """Peak bytes of the decode's own tensors on one rank decoding a band of 1/bands of the latent rows.
+
+    Runs diffusers' decoder on the meta device (published config unless `vae`), 2 latent frames per
+    chunk as the pipeline. A band's halo rows (one or two per conv) are left out: a few rows of the
+    band's 8·h/bands.
+    """
+    from .vae import decode_scaled
+
+    vae = (vae if vae is not None else published_vae()).to(dtype)
+    f, h, w = latent_fhw
+    z = torch.empty(1, vae.config.latent_channels, f, h // bands, w, device="meta", dtype=dtype)
+    tracker = LivePeak()
+    with tracker, torch.no_grad():
+        decode_scaled(vae, z)
+    return tracker.peak
+
+
 # AutoencoderKLCogVideoX at its published config: parameters, and vae_decode_counts() at the published
 # geometry (25 latent frames of 48 x 84); tests hold both to a meta-device run.
 VAE_PARAMS = 215_583_907
 PUBLISHED_VAE_DECODE = dict(conv_flops=464_843_521_916_928, elementwise_bytes=1_460_153_230_848,
                             frames=(1, 3, 97, 384, 672), row_parallel_collectives=936)
+
+
+# vae_decode_peak_bytes at 48 x 84 latents on one rank, bf16: a video (2-frame chunks) and an image (1 frame).
+# The peak is one chunk's, so it scales with the band's area (h / bands × w), not with the frame count.
+VAE_DECODE_PEAK = {"video": 11_813_437_440, "image": 2_670_538_752}
+
+
+def scaled_vae_decode_peak(latent_fhw=PUBLISHED_LATENT, bands=1, bytes_per_element=2) -> float:
+    """VAE_DECODE_PEAK for another geometry, band count and element size, without the meta run."""
+    f, h, w = latent_fhw
+    area = (h / bands) * w / (PUBLISHED_LATENT[1] * PUBLISHED_LATENT[2])
+    return VAE_DECODE_PEAK["image" if f == 1 else "video"] * area * bytes_per_element / 2
 
 
 def scaled_vae_counts(latent_fhw=PUBLISHED_LATENT) -> dict:

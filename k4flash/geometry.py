@@ -49,3 +49,16 @@ def validate_request(prompt, time_length, height, width, resolution: int = 512) 
         allowed = ", ".join(f"{h}x{w}" for h, w in RESOLUTIONS[resolution])
         raise ValueError(f"height x width = {height}x{width} is not allowed at resolution {resolution}; "
                          f"allowed (height x width): {allowed}")
+
+
+# Where T5 lives (k4flash/text_encoder.py): kept on the device, freed after encoding, or in host memory.
+# Here, with the other cheap checks, so the app refuses a bad value before importing torch.
+TEXT_ENCODER_OFFLOADS = ("none", "after_encode", "cpu")
+
+
+def validate_offload(offload, allow_auto=False) -> str:
+    allowed = (("auto",) if allow_auto else ()) + TEXT_ENCODER_OFFLOADS
+    if offload not in allowed:
+        raise ValueError(f"text_encoder.offload={offload!r}: allowed values are {list(allowed)}")
+    return offload
+

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .devices import normalize_device_map, resolve_dtype, synchronize
-from .geometry import FPS, latent_shape, num_latent_frames, validate_request, validate_resolution
+from .geometry import FPS, latent_shape, num_latent_frames, validate_offload, validate_request, validate_resolution
 from .outputs import frames_to_pil, write_json_atomic, write_mp4, write_png, write_safetensors_atomic
 from .published import PUBLISHED_DIT_PARAMS, TEXT_TOKENS
 from .sampler import Schedule, load_schedule, sample
@@ -84,7 +84,8 @@ class Kandinsky4T2VPipeline:
         validate_resolution(resolution)
         self.role = role or Role()
         self.device_map = normalize_device_map(device_map)
-        self.dit = dit
+        # The DiT, or a zero-argument loader of it: text_encoder.offload=after_encode loads it only once T5 is gone.
+        self._dit = dit
         self.text_encoder = text_encoder  # None where the role does not encode
         self.vae = vae  # None where the role does not decode
         self.decode = self.role.decoder(vae)  # None where the role does not decode
@@ -100,6 +101,32 @@ class Kandinsky4T2VPipeline:
         """This process gets the frames and writes the outputs (always, in one process)."""
         return self.role.is_group_main
 
+    @property
+    def dit(self) -> torch.nn.Module:
+        if not isinstance(self._dit, torch.nn.Module):
+            if self.text_encoder is not None and not self.text_encoder.released:
+                self.text_encoder.release()  # after_encode: the DiT is the next thing to need the memory
+            self._dit = self._dit()
+        return self._dit
+
+    def encode_prompts(self, texts) -> list:
+        """Each prompt's text embedding (1, 224, d_model) in host memory, on the process that encodes (None
+        elsewhere). With text_encoder.offload=after_encode the encoder is freed afterwards: a batch encodes
+        every prompt first, so T5 is gone before the DiT loads and denoises."""
+        if self.text_encoder is None:
+            return [None] * len(texts)
+        embeds = [self._encode(text).cpu() for text in texts]
+        if self.text_encoder.offload == "after_encode":
+            self.text_encoder.release()
+        return embeds
+
+    def _encode(self, text: str) -> torch.Tensor:
+        count = self.text_encoder.token_count(text)
+        if count > self.text_encoder.max_length:
+            log.warning("prompt is %d tokens; only the first %d condition the video (the rest is truncated)",
+                        count, self.text_encoder.max_length)
+        return self.text_encoder([text])
+
     def _autocast(self):
         # The official code runs the bf16 DiT under autocast (LayerNorms in float32); do the same.
         device = self.device_map["dit"]
@@ -107,22 +134,22 @@ class Kandinsky4T2VPipeline:
             return contextlib.nullcontext()
         return torch.autocast(device_type=device.type, dtype=self.dtype)
 
-    def encode_text(self, text: str) -> torch.Tensor:
-        """(1, 224, d_model) on the DiT device in the DiT dtype; the group main encodes, the others receive."""
+    def encode_text(self, text: str, text_embed: torch.Tensor = None) -> torch.Tensor:
+        """(1, 224, d_model) on the DiT device in the DiT dtype; the group main encodes (or takes `text_embed`,
+        from encode_prompts), the others receive."""
         device = self.device_map["dit"]
         if self.text_encoder is not None:
-            count = self.text_encoder.token_count(text)
-            if count > self.text_encoder.max_length:
-                log.warning("prompt is %d tokens; only the first %d condition the video (the rest is truncated)",
-                            count, self.text_encoder.max_length)
-            embed = self.text_encoder([text]).to(device=device, dtype=self.dtype)
+            embed = text_embed if text_embed is not None else self._encode(text)
+            embed = embed.to(device=device, dtype=self.dtype)
+            if self.text_encoder.offload == "after_encode" and not self.text_encoder.released:
+                self.text_encoder.release()
         else:
             embed = torch.empty(1, TEXT_TOKENS, self.text_dim, device=device, dtype=self.dtype)
         return self.role.share(embed)
 
     @torch.no_grad()
-    def denoise(self, text_embed, shape, seed, progress=True) -> torch.Tensor:
-        """Final latents (F, h, w, 16), float32, for one video."""
+    def denoise(self, text_embed, shape, seed, progress=True, on_step=None) -> torch.Tensor:
+        """Final latents (F, h, w, 16), float32, for one video; on_step(done, total) after each step."""
         device = self.device_map["dit"]
 
         def velocity(latent, timestep):
@@ -131,15 +158,24 @@ class Kandinsky4T2VPipeline:
                 return self.dit(latent[None].to(self.dtype), text_embed, t)[0]
 
         bar = tqdm(total=len(self.schedule.timesteps), desc="denoise", disable=not (progress and self.role.is_main))
+        total = len(self.schedule.timesteps)
+
+        def step_done(*_):
+            bar.update(1)
+            if on_step is not None:
+                on_step(bar.n, total)
         latents = sample(velocity, shape, self.schedule, seed, device=device, noise_dtype=self.noise_dtype,
-                         on_step=lambda *_: bar.update(1))
+                         on_step=step_done)
         bar.close()
         return latents
 
     @torch.no_grad()
     def generate(self, text: str, time_length: int = 12, width: int = 512, height: int = 512, seed: int = None,
-                 progress: bool = True) -> Generation:
-        """Stages 1-5: validate, encode, prepare latents, denoise, decode. Frames only on the group main."""
+                 progress: bool = True, text_embed: torch.Tensor = None, on_step=None) -> Generation:
+        """Stages 1-5: validate, encode, prepare latents, denoise, decode. Frames only on the group main.
+
+        text_embed: the prompt's embedding from encode_prompts (on the process that encodes), which skips
+        the encoder. on_step(done, total): after each denoising step (a server's progress)."""
         # 1. Validate the request before any work.
         validate_request(text, time_length, height, width, self.resolution)
         if seed is None:
@@ -148,7 +184,7 @@ class Kandinsky4T2VPipeline:
         clock = time.perf_counter()
 
         # 2. Encode the prompt (224 tokens, no attention mask).
-        text_embed = self.encode_text(text)
+        text_embed = self.encode_text(text, text_embed)
         synchronize(self.device_map["dit"])
         timings["text_encode_s"] = time.perf_counter() - clock
 
@@ -157,7 +193,7 @@ class Kandinsky4T2VPipeline:
 
         # 4. Denoise: 4 renoise steps of the DiT.
         clock = time.perf_counter()
-        latents = self.denoise(text_embed, shape, seed, progress=progress)
+        latents = self.denoise(text_embed, shape, seed, progress=progress, on_step=on_step)
         synchronize(self.device_map["dit"])
         timings["denoise_s"] = time.perf_counter() - clock
         frames = None
@@ -245,7 +281,7 @@ def _conf_from_official_yaml(conf_path):
 def load_pipeline(device_map, resolution: int = 512, cache_dir="./weights/", dit_path=None,
                   text_encoder_path=None, tokenizer_path=None, vae_path=None, scheduler_path=None, conf_path=None, *,
                   dit_params: dict = None, dtype: torch.dtype = None, download: bool = True,
-                  noise_dtype: torch.dtype = torch.bfloat16, compile: bool = False,
+                  noise_dtype: torch.dtype = torch.bfloat16, compile: bool = False, text_encoder_offload: str = "none",
                   role: Optional[Role] = None) -> Kandinsky4T2VPipeline:
     """Resolve the weights, load T5, DiT and VAE as `role` says (default: all of them, here), return the pipeline.
 
@@ -253,6 +289,8 @@ def load_pipeline(device_map, resolution: int = 512, cache_dir="./weights/", dit
     in a single process. Missing weights are fetched from the Hub when online (`download=True`),
     else a FileNotFoundError names the missing file and where to put it. `dit_params` defaults to
     the published DiT. `compile=True` torch.compiles the DiT's blocks (DiffusionTransformer3D.compile_blocks).
+    `text_encoder_offload` (T5TextEncoder): none, cpu, or after_encode, which loads T5 before the DiT and
+    the DiT only once T5 is freed (at the first denoise).
     """
     from .text_encoder import T5TextEncoder
     from .vae import load_vae
@@ -273,14 +311,19 @@ def load_pipeline(device_map, resolution: int = 512, cache_dir="./weights/", dit
                                                  tokenizer_path, vae_path, scheduler_path), download)
     dtype = resolve_dtype(dtype, device_map["dit"])
 
+    validate_offload(text_encoder_offload)
     schedule = load_schedule(paths.scheduler)
-    dit = role.load_dit(dit_params, paths.dit, device=device_map["dit"], dtype=dtype)
-    if compile:
-        dit.compile_blocks()
+
+    def load_dit_now():
+        dit = role.load_dit(dit_params, paths.dit, device=device_map["dit"], dtype=dtype)
+        return dit.compile_blocks() if compile else dit
+
+    deferred = text_encoder_offload == "after_encode" and role.is_group_main
+    dit = load_dit_now if deferred else load_dit_now()
     text_encoder = vae = None
     if role.is_group_main:
         text_encoder = T5TextEncoder(paths.text_encoder, paths.tokenizer, max_length=max_length,
-                                     device=device_map["text_embedder"], dtype=dtype)
+                                     device=device_map["text_embedder"], dtype=dtype, offload=text_encoder_offload)
         if text_encoder.d_model != dit_params["in_text_dim"]:
             raise ValueError(f"text encoder width {text_encoder.d_model} != DiT in_text_dim "
                              f"{dit_params['in_text_dim']}")

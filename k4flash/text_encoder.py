@@ -7,16 +7,91 @@ attend and are attended to; all 224 hidden states (padding included) condition t
 
 from __future__ import annotations
 
+import contextlib
+import gc
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, T5EncoderModel
 
+from .geometry import validate_offload
 from .published import TEXT_TOKENS
 
 
+class BlockStreamer:
+    """Run a host-resident T5 encoder on a GPU, a block at a time (text_encoder.offload=cpu).
+
+    The weights stay in pinned host memory. Inside `with streamer:`, a forward pre-hook on each
+    stage (the token embedding, each block, the final norm) makes sure that stage's weights are on
+    the device, starting the next stage's copy on a side stream so it overlaps this stage's compute;
+    a forward hook puts the host tensors back, so at most two stages' weights are on the device.
+    `device` may be any device (a CPU copy exercises the same path in tests).
+    """
+
+    def __init__(self, encoder, device):
+        self.device = torch.device(device)
+        self.stages = [encoder.encoder.embed_tokens, *encoder.encoder.block, encoder.encoder.final_layer_norm]
+        self.host = []
+        for stage in self.stages:
+            params = list(stage.parameters(recurse=True))
+            if self.device.type == "cuda":
+                for p in params:
+                    p.data = p.data.pin_memory()
+            self.host.append([p.data for p in params])
+        self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.on_device = {}  # stage index → its device tensors (copies issued)
+        self.hooks = []
+
+    def _fetch(self, index):
+        if index >= len(self.stages) or index in self.on_device:
+            return
+        stream = torch.cuda.stream(self.copy_stream) if self.copy_stream else contextlib.nullcontext()
+        with stream:
+            self.on_device[index] = [t.to(self.device, non_blocking=True) for t in self.host[index]]
+
+    def _before(self, index):
+        def hook(module, args):
+            self._fetch(index)
+            if self.copy_stream:
+                torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
+            for p, t in zip(module.parameters(recurse=True), self.on_device[index]):
+                p.data = t
+            self._fetch(index + 1)  # overlaps this stage's compute
+        return hook
+
+    def _after(self, index):
+        def hook(module, args, output):
+            for p, t in zip(module.parameters(recurse=True), self.host[index]):
+                p.data = t
+            released = self.on_device.pop(index)
+            if self.copy_stream:
+                for t in released:  # the copy stream may reuse this memory only after the compute is done
+                    t.record_stream(torch.cuda.current_stream(self.device))
+        return hook
+
+    def __enter__(self):
+        for i, stage in enumerate(self.stages):
+            self.hooks += [stage.register_forward_pre_hook(self._before(i)),
+                           stage.register_forward_hook(self._after(i))]
+        return self
+
+    def __exit__(self, *exc):
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks = []
+        for index in list(self.on_device):
+            self.on_device.pop(index)
+
+
 class T5TextEncoder:
-    """T5 encoder + tokenizer; calling it maps prompts to (B, max_length, d_model) embeddings."""
+    """T5 encoder + tokenizer; calling it maps prompts to (B, max_length, d_model) embeddings.
+
+    offload (k4flash/geometry.py TEXT_ENCODER_OFFLOADS): "none" keeps the encoder on `device`;
+    "after_encode" too, and `release()` frees it once the prompts are encoded; "cpu" keeps its
+    weights in host memory (pinned when `device` is a GPU) and, on a GPU, streams them to `device`
+    one block at a time while the next block's copy is under way (`BlockStreamer`); on a CPU it
+    encodes where the weights are.
+    """
 
     def __init__(
         self,
@@ -25,6 +100,7 @@ class T5TextEncoder:
         max_length: int = TEXT_TOKENS,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
+        offload: str = "none",
     ):
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
             raise ValueError(f"max_length={max_length!r} must be a positive int")
@@ -33,15 +109,34 @@ class T5TextEncoder:
         self.max_length = max_length
         self.device = torch.device(device)
         self.dtype = dtype
+        self.offload = validate_offload(offload)
         # Never trust_remote_code: a weights folder must not be able to run code.
         self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path), trust_remote_code=False)
         encoder = T5EncoderModel.from_pretrained(str(encoder_path), dtype=dtype, trust_remote_code=False)
-        self.encoder = encoder.to(self.device).eval().requires_grad_(False)
+        self.config = encoder.config
+        self.streamer = None
+        if offload == "cpu":
+            self.encoder = encoder.eval().requires_grad_(False)  # stays in host memory
+            if self.device.type != "cpu":
+                self.streamer = BlockStreamer(self.encoder, self.device)
+        else:
+            self.encoder = encoder.to(self.device).eval().requires_grad_(False)
 
     @property
     def d_model(self) -> int:
         """Width of the embeddings (4096 for T5-v1.1-XXL)."""
-        return self.encoder.config.d_model
+        return self.config.d_model
+
+    @property
+    def released(self) -> bool:
+        return self.encoder is None
+
+    def release(self) -> None:
+        """Free the encoder's weights (text_encoder.offload=after_encode); the tokenizer stays for counting."""
+        self.encoder = self.streamer = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
         """Token ids (B, max_length): EOS appended, right-padded with <pad>, truncated to max_length."""
@@ -62,11 +157,15 @@ class T5TextEncoder:
     @torch.no_grad()
     def __call__(self, prompts: list[str]) -> torch.Tensor:
         """Embed prompts (a str counts as one prompt) → (B, max_length, d_model) in self.dtype on self.device."""
-        input_ids = self.tokenize(prompts).to(self.device)
+        if self.encoder is None:
+            raise RuntimeError("the text encoder was released after encoding (text_encoder.offload=after_encode); "
+                               "pass the prompt's text_embed, or load with offload none or cpu")
+        input_ids = self.tokenize(prompts).to(self.device if self.offload != "cpu" or self.streamer else "cpu")
         # No attention_mask on purpose: the official model was trained/distilled with the
         # encoder seeing the padding, so masking it would change every embedding.
-        hidden = self.encoder(input_ids=input_ids).last_hidden_state  # (B, max_length, d_model)
-        return hidden.to(self.dtype)
+        with self.streamer if self.streamer is not None else contextlib.nullcontext():
+            hidden = self.encoder(input_ids=input_ids).last_hidden_state  # (B, max_length, d_model)
+        return hidden.to(device=self.device, dtype=self.dtype)
 
     def token_count(self, prompt: str) -> int:
         """Number of tokens in `prompt` before truncation, EOS included (> max_length means it gets cut)."""

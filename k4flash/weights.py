@@ -354,6 +354,16 @@ def preferred_checkpoint(checkpoint_path) -> Path:
     return sibling if sibling.is_file() else Path(checkpoint_path)
 
 
+def owned_copy(tensor, device, dtype) -> torch.Tensor:
+    """`tensor` on `device` in `dtype`, contiguous, in memory of its own: never a view into the checkpoint file
+    (a same-device, same-dtype `.to` would return the memory-mapped tensor itself, leaving the weights as
+    file pages that the kernel may drop and re-read, and the mapping open)."""
+    out = tensor.to(device=device, dtype=dtype).contiguous()
+    # safetensors slices are views (`_base`) of the mapped tensor; a memory-mapped .pt's storage has a file name.
+    from_file = tensor._base is not None or getattr(tensor.untyped_storage(), "filename", None) is not None
+    return out.clone() if from_file and out.data_ptr() == tensor.data_ptr() else out
+
+
 def load_dit(params: dict, checkpoint_path, device="cpu", dtype=torch.float32) -> DiffusionTransformer3D:
     """Build the DiT on the meta device, check the checkpoint's keys and shapes, read it tensor by tensor
     into place on `device` in `dtype`, eval. The host never holds more than one tensor beyond the model."""
@@ -361,7 +371,7 @@ def load_dit(params: dict, checkpoint_path, device="cpu", dtype=torch.float32) -
         model = DiffusionTransformer3D(**params)
     checkpoint, path = open_checkpoint(checkpoint_path)
     check_checkpoint(checkpoint, path, model)
-    state = {name: checkpoint.reader(name)(None, None).to(device=device, dtype=dtype)
+    state = {name: owned_copy(checkpoint.reader(name)(None, None), device, dtype)
              for name, _ in model.named_parameters()}
     model.load_state_dict(state, strict=False, assign=True)
     model.init_derived_buffers()  # the RoPE buffers are still meta

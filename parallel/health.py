@@ -45,6 +45,7 @@ HEARTBEAT_INTERVAL_S = 1.0
 STORE_TIMEOUT_S = 5.0
 STOP_TIMEOUT_S = 0.5  # the most RankHealth.stop() waits for the heartbeat thread: far less than a store timeout
 DEAD_AFTER_S = 6.0  # no heartbeat for this long: the rank died or is frozen (SIGSTOP, a machine gone)
+QUIET_AFTER_S = 2.5  # no heartbeat for this long: not healthy (yet not a verdict)
 GRACE_S = 3.0  # after SIGTERM / SIGINT, how long the main thread has to unwind before the thread exits for it
 EXIT_DISTRIBUTED = 3
 SIGNAL_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -90,8 +91,12 @@ class _Peer:
 
 class RankHealth:
     def __init__(self, rank: int, world_size: int, interval_s: float = HEARTBEAT_INTERVAL_S,
-                 timeout_s: float = 600.0, watch=None, on_exit=None):
+                 timeout_s: float = 600.0, watch=None, on_exit=None, grace_s: float = GRACE_S):
         self.rank, self.world_size, self.interval_s, self.timeout_s = rank, world_size, interval_s, timeout_s
+        # After SIGTERM / SIGINT, how long the main thread may take to finish on its own (a server drains).
+        self.grace_s = grace_s
+        self.failed = threading.Event()  # set once this thread has a verdict and is ending the process
+        self.quiet = False  # a watched rank has missed a few heartbeats
         self.prefix = store_prefix()
         # The ranks this one watches: rank 0 all of them, the others their process groups' members (set by
         # the caller once the mesh exists) and rank 0.
@@ -250,7 +255,7 @@ class RankHealth:
             if self._stop.is_set():
                 return
             try:
-                if signal_seen is not None and time.monotonic() - signal_seen[1] > GRACE_S:
+                if signal_seen is not None and time.monotonic() - signal_seen[1] > self.grace_s:
                     self._exit_on_signal(*signal_seen, store, peers)
                 verdict = self._published_verdict(store)
                 if verdict is None:
@@ -297,7 +302,8 @@ class RankHealth:
     def _judge(self, store, peers, dead_after_s: float = DEAD_AFTER_S):
         """The first fault among the watched ranks, as a one-line verdict, or None."""
         now = time.monotonic()
-        counts = {}
+        counts, quiet = {}, False
+
         def where(r):  # read only for a verdict: the stage is not worth a store call per peer per second
             stage = self._get("stage", r, store)
             return f" during {stage}" if stage else ""
@@ -311,7 +317,10 @@ class RankHealth:
             beats = self._beats(r, store)
             if beats is not None and beats != peer.beats:
                 peer.beats, peer.beat_seen = beats, now
-            elif peer.beats is not None and now - peer.beat_seen > dead_after_s:
+            # Unheard for a few beats: not yet a verdict, but no longer healthy (a server's /health says so).
+            quiet = quiet or (peer.beats is not None and now - peer.beat_seen > QUIET_AFTER_S)
+            self.quiet = quiet
+            if peer.beats is not None and now - peer.beat_seen > dead_after_s:
                 return f"rank {r} died or froze{where(r)} (no heartbeat for {now - peer.beat_seen:.0f} s)"
             entered = self._get("entered", r, store)
             if entered is not None:
@@ -353,7 +362,13 @@ class RankHealth:
         self._exit(f"terminated (received {signal.Signals(signum).name}); finished outputs are kept, "
                    f"re-run to resume", SIGNAL_STATUS[signum], prefix="")
 
+    def alive(self) -> bool:
+        """False once a rank this one watches has been unheard for QUIET_AFTER_S, or is found dead, hung or failed
+        (a server's /health)."""
+        return not (self.failed.is_set() or self.quiet)
+
     def _exit(self, message: str, status: int, prefix: str = "distributed run failed: "):
+        self.failed.set()
         if not self.claim():
             return  # the main thread is reporting this failure itself
         if self.rank == 0:

@@ -8,7 +8,7 @@ into the .safetensors file this prefers.
 import torch
 
 from k4flash.dit import DiffusionTransformer3D
-from k4flash.weights import check_checkpoint, open_checkpoint
+from k4flash.weights import check_checkpoint, open_checkpoint, owned_copy
 
 from .tp import parallelize_dit, plan_coords, shard_plan_for, take_shard, validate_plan_degrees
 
@@ -32,7 +32,7 @@ def load_dit_sharded(params: dict, checkpoint_path, mesh, device="cpu", dtype=to
             piece = take_shard(read, style, name.rsplit(".", 1)[1], full_shape, rank, world)
         else:
             piece = read(None, None)
-        state[name] = piece.to(device=device, dtype=dtype).contiguous()  # a copy: no view into the file
+        state[name] = owned_copy(piece, device, dtype)  # no view into the file
     model.load_state_dict(state, strict=False, assign=True)
     model.init_derived_buffers()
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]

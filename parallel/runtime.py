@@ -75,6 +75,11 @@ class Runtime:
         if self.distributed:
             dist.barrier()
 
+    def barrier_group(self):
+        """Every rank of this model group meets here (a server resynchronises a group after a failed video)."""
+        if self.group_size > 1:
+            dist.barrier(group=self.group_mesh.get_group())
+
     def peers(self) -> list:
         """The ranks whose health this rank watches (parallel/health.py): all of them from rank 0, else the
         ranks it shares collectives with (its model group) and rank 0."""

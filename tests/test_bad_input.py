@@ -86,6 +86,11 @@ def test_bad_request_values(workdir, capsys, overrides, message):
     (2, ["parallel.plan=fastest"], "parallel.plan='fastest': allowed values are ['manual', 'auto']"),
     (4, ["parallel.plan=auto", "parallel.gpu_memory_gb=1"], "parallel.plan=auto: no plan of the DiT on 4 GPU(s) "
                                                             "fits 1 GB per GPU"),
+    (1, ["text_encoder.offload=gpu"], "text_encoder.offload='gpu': allowed values are ['auto', 'none', "
+                                      "'after_encode', 'cpu']"),
+    (1, ["mode=train"], "mode='train': allowed values are ['generate', 'serve']"),
+    (1, ["mode=serve", "serve.port=70000"], "serve.port=70000 must be a port number, 1-65535"),
+    (1, ["mode=serve", "text_encoder.offload=after_encode"], "a server needs it for every request"),
 ])
 def test_parallel_layouts_that_cannot_work_fail_before_any_process_group(workdir, capsys, monkeypatch, world,
                                                                           overrides, message):
@@ -170,6 +175,6 @@ def test_non_integer_time_length_is_refused_by_the_schema(tmp_path, tiny_cache):
     env = dict(os.environ, K4FLASH_CACHE=str(tiny_cache), HF_HUB_OFFLINE="1")
     result = subprocess.run([sys.executable, str(ENTRY), *TINY, "time_length=1.5"], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0
+    assert result.returncode == 1  # Hydra's message, exit 1 (README "When things go wrong")
     assert "time_length=1.5" in result.stderr and "could not be converted to Integer" in result.stderr
     assert list(tmp_path.iterdir()) == []  # not even Hydra's outputs/ folder

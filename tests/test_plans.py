@@ -300,7 +300,7 @@ def test_the_cli_runs_each_plan_with_the_one_rank_latents(name, cli_runs):
     layout = {"ulysses2": "dp 1 x ulysses 2 x tp 1)", "tp2sp": "dp 1 x ulysses 1 x tp 2 + sequence parallel)",
               "u2tp2sp": "dp 1 x ulysses 2 x tp 2 + sequence parallel)", "dp2_ulysses2": "dp 2 x ulysses 2 x tp 1)"}
     if name == "auto":
-        assert "parallel.plan=auto on 4 GPU(s), no memory limit:" in log and "plans considered" in log
+        assert "parallel.plan=auto on 4 GPU(s), no memory limit:" in log and "choices considered" in log
     else:
         assert layout[name] in log, log[-2000:]
     if name == "dp2_ulysses2":  # the second model group (ranks 2-3) took the second prompt; its first rank wrote it

@@ -84,10 +84,24 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path, state):
         load_dit(TINY_DIT_PARAMS, path)
 
 
-def test_pickled_code_is_refused(tmp_path):
+class _CallsTorchFull:
+    """Unpickles to a tensor of the right shape by calling torch.full: fine for a plain torch.load, refused by
+    weights_only=True (a call to a global outside its allow-list)."""
+
+    def __init__(self, shape):
+        self.shape = tuple(shape)
+
+    def __reduce__(self):
+        return torch.full, (self.shape, 0.5)
+
+
+def test_pickled_code_is_refused(tmp_path, state):
+    """The only thing wrong with this checkpoint is a pickled call: with weights_only=False it would load whole."""
+    key = "out_layer.out_layer.weight"
     path = tmp_path / "evil.pt"
-    torch.save({"weights": torch.ones(1), "payload": print}, path)  # a non-tensor global: weights_only refuses it
-    with pytest.raises(CheckpointError):
+    torch.save(dict(state, **{key: _CallsTorchFull(state[key].shape)}), path)
+    assert torch.load(path, weights_only=False)[key].shape == state[key].shape  # a valid checkpoint, unpickled
+    with pytest.raises(CheckpointError, match="cannot read DiT checkpoint"):
         load_dit(TINY_DIT_PARAMS, path)
 
 

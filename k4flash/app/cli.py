@@ -14,7 +14,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from k4flash.geometry import validate_request, validate_seed
+from k4flash.geometry import validate_offload, validate_request, validate_seed
 from parallel.degrees import env_world, validate_plan_degrees, validate_world
 
 from .batch import Job, read_prompts_file
@@ -107,14 +107,15 @@ def check_weights(cfg) -> Path:
     return weights_dir
 
 
-def build_pipeline(cfg, runtime, dtype, weights_dir):
+def build_pipeline(cfg, runtime, dtype, weights_dir, offload="none"):
     """This process's pipeline: the library's own in one process, a rank's (parallel/) under a launcher."""
     # Heavy imports (diffusers, transformers) only past validation.
     from k4flash.pipeline import load_pipeline
     from parallel.rank_pipeline import load_rank_pipeline
 
     kwargs = dict(cache_dir=weights_dir, dtype=dtype, download=cfg.download,
-                  dit_params=OmegaConf.to_container(cfg.model.dit_params), compile=cfg.compile)
+                  dit_params=OmegaConf.to_container(cfg.model.dit_params), compile=cfg.compile,
+                  text_encoder_offload=offload)
     if runtime.distributed:
         return load_rank_pipeline(runtime.device, runtime=runtime, vae_parallel=cfg.vae.parallel, **kwargs)
     return load_pipeline(runtime.device, **kwargs)
@@ -138,6 +139,7 @@ def _raise_terminated(signum, frame):
 
 
 PLANS = ("manual", "auto")
+MODES = ("generate", "serve")
 
 
 def validate_parallel(cfg) -> tuple:
@@ -148,6 +150,7 @@ def validate_parallel(cfg) -> tuple:
     try:
         if p.plan not in PLANS:
             raise ValueError(f"parallel.plan={p.plan!r}: allowed values are {list(PLANS)}")
+        validate_offload(cfg.text_encoder.offload, allow_auto=True)
         ulysses = 1 if p.ulysses is None else p.ulysses
         tp = validate_world(world, p.tp if p.plan == "manual" or p.tp is not None else 1, ulysses)
         if tp > 1 or ulysses > 1:
@@ -160,12 +163,17 @@ def validate_parallel(cfg) -> tuple:
 
 
 def choose_parallel(cfg, given: tuple, jobs, device) -> tuple:
-    """parallel.plan=auto: the fastest plan the cost model predicts for the first video that fits the GPUs'
-    memory, among those that agree with what was given; logged with its prediction (rank 0)."""
-    if cfg.parallel.plan != "auto":
-        return given
+    """(tp, ulysses, sequence_parallel, text-encoder offload) for this run.
+
+    parallel.plan=auto: the fastest plan the cost model predicts for the first video that fits the GPUs'
+    memory, among those that agree with what was given; logged with its prediction (rank 0).
+    text_encoder.offload=auto: the first of none, after_encode, cpu with which that plan fits (none on CPU).
+    """
+    offload = cfg.text_encoder.offload
+    if cfg.parallel.plan != "auto" and (offload != "auto" or device.type != "cuda"):
+        return (*given, "none" if offload == "auto" else offload)
     from k4flash.geometry import latent_shape
-    from parallel.plan import choose_plan
+    from parallel.plan import OFFLOADS, Plan, choose_plan
 
     world = env_world()[1]
     memory_gb = cfg.parallel.gpu_memory_gb
@@ -177,18 +185,27 @@ def choose_parallel(cfg, given: tuple, jobs, device) -> tuple:
     job = jobs[0]
     latent = latent_shape(job.time_length, job.height, job.width)[:3]
     tp, ulysses, sp = given
+    if cfg.parallel.plan != "auto":  # the plan is fixed: only the offload is chosen
+        ulysses = ulysses or 1
+        fixed = Plan(tp, ulysses, bool(sp), world // (tp * ulysses))
+        tp, sp = fixed.tp, fixed.sequence_parallel
     try:
-        plan, rows = choose_plan(params, world, memory_gb, latent_fhw=latent, allowed=lambda p: (
+        plan, offload, rows = choose_plan(params, world, memory_gb, latent_fhw=latent, allowed=lambda p: (
             (tp is None or p.tp == tp) and (ulysses is None or p.ulysses == ulysses)
-            and (sp is None or p.sequence_parallel == sp)))
+            and (sp is None or p.sequence_parallel == sp)), offloads=OFFLOADS if offload == "auto" else (offload,))
     except ValueError as err:
-        raise UsageError(str(err)) from None
-    row = next(r for r in rows if r["plan_object"] == plan)
+        if cfg.parallel.plan == "auto":
+            raise UsageError(str(err)) from None
+        log.warning("text_encoder.offload=auto: the memory model fits no setting with this plan (%s); using cpu, "
+                    "the smallest", err)
+        return (*given, "cpu")
+    row = next(r for r in rows if r["plan_object"] == plan and r["offload"] == offload)
     if env_world()[0] == 0:
-        log.info("parallel.plan=auto on %d GPU(s), %s: %s (predicted %.2f s per video on H100s, %.1f GB per GPU; "
-                 "%d plans considered)", world, "no memory limit" if memory_gb == float("inf") else
-                 f"{memory_gb:g} GB each", plan, row["end_to_end_s"], row["gpu_memory_gb"], len(rows))
-    return plan.tp, plan.ulysses, plan.sequence_parallel
+        log.info("%s on %d GPU(s), %s: %s, text_encoder.offload=%s (predicted %.2f s per video on H100s, %.1f GB "
+                 "per GPU; %d choices considered)", "parallel.plan=auto" if cfg.parallel.plan == "auto" else
+                 "text_encoder.offload=auto", world, "no memory limit" if memory_gb == float("inf") else
+                 f"{memory_gb:g} GB each", plan, offload, row["end_to_end_s"], row["gpu_memory_gb"], len(rows))
+    return plan.tp, plan.ulysses, plan.sequence_parallel, offload
 
 
 def generate_from_config(cfg) -> int:
@@ -198,12 +215,10 @@ def generate_from_config(cfg) -> int:
     jobs = plan_jobs(cfg)
     given = validate_parallel(cfg)
     from k4flash.devices import resolve_device, resolve_dtype  # torch: only past the checks that need none
-    from parallel.health import RankHealth
-    from parallel.runtime import init_runtime
 
     device = resolve_device(cfg.device, env_world()[2])
     dtype = resolve_dtype(cfg.dtype, device)
-    tp, ulysses, sequence_parallel = choose_parallel(cfg, given, jobs, device)
+    tp, ulysses, sequence_parallel, offload = choose_parallel(cfg, given, jobs, device)
     batch = bool(cfg.prompts_file)
     todo = [job for job in jobs if cfg.overwrite or not batch or not job.is_complete()]
     if len(todo) < len(jobs):
@@ -214,20 +229,32 @@ def generate_from_config(cfg) -> int:
     weights_dir = check_weights(cfg)
 
     # 2. Join the (dp, ulysses, tp) mesh, with heartbeats so that a failure names the rank at fault.
+    def body(runtime, health):
+        failed = _generate(cfg, runtime, dtype, weights_dir, todo, health, offload)
+        if batch and runtime.is_main:
+            done, wall_s = len(todo) - failed, time.perf_counter() - started
+            log.info("batch finished in %.1f s: %d written, %d skipped (already done), %d failed; %.0f videos/hour",
+                     wall_s, done, len(jobs) - len(todo), failed, 3600 * done / wall_s)
+        return failed
+    return _on_the_mesh(cfg, (tp, ulysses, sequence_parallel), body)
+
+
+def _on_the_mesh(cfg, degrees, body, grace_s=None):
+    """body(runtime, health) on this rank of the (dp, ulysses, tp) mesh, heartbeats watching; failures of other
+    ranks are re-raised as DistributedFailure naming the culprit (rank 0)."""
+    from parallel.health import GRACE_S, RankHealth
+    from parallel.runtime import init_runtime
+
+    tp, ulysses, sequence_parallel = degrees
     runtime = init_runtime(cfg.device, cfg.parallel.timeout_s, tp=tp, ulysses=ulysses,
                            sequence_parallel=sequence_parallel)
     health = None
     if runtime.distributed:
         from k4flash.outputs import discard_in_flight
         health = RankHealth.start(runtime.rank, runtime.world_size, timeout_s=cfg.parallel.timeout_s,
-                                  watch=runtime.peers(), on_exit=discard_in_flight)
+                                  watch=runtime.peers(), on_exit=discard_in_flight, grace_s=grace_s or GRACE_S)
     try:
-        failed = _generate(cfg, runtime, dtype, weights_dir, todo, health)
-        if batch and runtime.is_main:
-            done, wall_s = len(todo) - failed, time.perf_counter() - started
-            log.info("batch finished in %.1f s: %d written, %d skipped (already done), %d failed; %.0f videos/hour",
-                     wall_s, done, len(jobs) - len(todo), failed, 3600 * done / wall_s)
-        return failed
+        return body(runtime, health)
     except BaseException as err:
         if health is None:
             raise
@@ -241,6 +268,54 @@ def generate_from_config(cfg) -> int:
     finally:
         if health is not None:
             health.stop()
+
+
+def serve_from_config(cfg) -> int:
+    """mode=serve: check, load once, serve until SIGTERM / Ctrl-C (k4flash/app/serve.py); returns 0."""
+    # 1. Everything typed, checked before any weights load or process group forms.
+    problems = unknown_keys(cfg)
+    if problems:
+        raise UsageError(problems[0])
+    validate_serve(cfg)
+    given = validate_parallel(cfg)
+    from types import SimpleNamespace
+
+    from k4flash.devices import resolve_device, resolve_dtype
+
+    device = resolve_device(cfg.device, env_world()[2])
+    dtype = resolve_dtype(cfg.dtype, device)
+    typical = SimpleNamespace(time_length=cfg.time_length, width=cfg.width, height=cfg.height)
+    tp, ulysses, sequence_parallel, offload = choose_parallel(cfg, given, [typical], device)
+    if cfg.text_encoder.offload == "auto":  # a server encodes all day: T5 stays, on the CPU where memory is short
+        offload = "none" if offload == "none" else "cpu"
+    weights_dir = check_weights(cfg)
+
+    def body(runtime, health):
+        from . import serve
+        from parallel.health import connect_store, store_prefix
+
+        pipe = build_pipeline(cfg, runtime, dtype, weights_dir, offload)
+        channel = serve.Channel(connect_store(), store_prefix()) if runtime.distributed else \
+            serve.Channel(serve.LocalStore(), "")
+        serve.serve(cfg, runtime, pipe, health, channel, serve.model_info(cfg, runtime, dtype))
+        return 0
+    return _on_the_mesh(cfg, (tp, ulysses, sequence_parallel), body, grace_s=cfg.serve.drain_timeout_s + 10)
+
+
+def validate_serve(cfg) -> None:
+    s = cfg.serve
+    if cfg.text_encoder.offload == "after_encode":
+        raise UsageError("text_encoder.offload=after_encode frees T5 after the first prompts; a server needs it for "
+                         "every request: use none, cpu or auto")
+    if isinstance(s.port, bool) or not isinstance(s.port, int) or not 0 < s.port < 65536:
+        raise UsageError(f"serve.port={s.port!r} must be a port number, 1-65535")
+    for name in ("queue_size", "max_body_bytes"):
+        value = s[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UsageError(f"serve.{name}={value!r} must be a positive whole number")
+    if not s.drain_timeout_s > 0:
+        raise UsageError(f"serve.drain_timeout_s={s.drain_timeout_s!r} must be positive")
+    check_writable(Path(s.output_dir), "serve.output_dir")
 
 
 def _is_distributed_failure(err: BaseException) -> bool:
@@ -266,10 +341,11 @@ def _written_log(runtime) -> logging.Logger:
     return written
 
 
-def _generate(cfg, runtime, dtype, weights_dir, todo, health) -> int:
-    # 3. Load T5, DiT, VAE once (the checkpoint is checked before it materialises).
+def _generate(cfg, runtime, dtype, weights_dir, todo, health, offload="none") -> int:
+    # 3. Load T5, DiT, VAE once (the checkpoint is checked before it materialises); with
+    # text_encoder.offload=after_encode the DiT waits until T5 has encoded and is gone.
     clock = time.perf_counter()
-    pipe = build_pipeline(cfg, runtime, dtype, weights_dir)
+    pipe = build_pipeline(cfg, runtime, dtype, weights_dir, offload)
     load_s = time.perf_counter() - clock
     log.info("loaded %s on %s (%s, %d rank(s): dp %d x ulysses %d x tp %d%s) in %.1f s", cfg.model.name,
              runtime.device, str(dtype).replace("torch.", ""), runtime.world_size, runtime.dp_size,
@@ -280,14 +356,17 @@ def _generate(cfg, runtime, dtype, weights_dir, todo, health) -> int:
     overwrite = cfg.overwrite or batch  # a batch job still pending may have a stale half: replace it
     written_log = _written_log(runtime)
 
-    # 4. Each model group takes every dp_size-th job; its first rank decodes and writes.
+    # 4. Each model group takes every dp_size-th job; its first rank decodes and writes. after_encode:
+    # its first rank encodes all of them first, and T5 is freed before the DiT loads.
     failed = 0
-    for job in todo[runtime.dp_rank::runtime.dp_size]:
+    mine = todo[runtime.dp_rank::runtime.dp_size]
+    embeds = pipe.encode_prompts([job.prompt for job in mine]) if offload == "after_encode" else [None] * len(mine)
+    for job, text_embed in zip(mine, embeds):
         if health is not None:
             health.mark(f"prompt {job.index}")
         try:
             generation = pipe.generate(job.prompt, job.time_length, job.width, job.height, job.seed,
-                                       progress=cfg.progress)
+                                       progress=cfg.progress, text_embed=text_embed)
         except FloatingPointError as err:  # non-finite latents: every rank of the group has the same ones
             if not batch:
                 raise
@@ -344,7 +423,9 @@ def run(cfg) -> None:
         signal.signal(signal.SIGTERM, _raise_terminated)
     code, message = 0, None
     try:
-        failed = generate_from_config(cfg)
+        if cfg.mode not in MODES:
+            raise UsageError(f"mode={cfg.mode!r}: allowed values are {list(MODES)}")
+        failed = serve_from_config(cfg) if cfg.mode == "serve" else generate_from_config(cfg)
         if failed:
             code, message = EXIT_FAILED, f"{failed} prompt(s) failed; re-run the same command to retry them"
     except INPUT_ERRORS as err:

@@ -74,6 +74,14 @@ class ParallelConfig:
 
 
 @dataclass
+class TextEncoderConfig:
+    offload: str = key("where T5-XXL (9.5 GB in bf16) lives: none = on the GPU for the whole run; after_encode = "
+                       "loaded first, every prompt of the run encoded, then freed before the DiT loads; cpu = in "
+                       "host memory, streamed to the GPU a block at a time; auto = the first of those the memory "
+                       "plan fits (none on CPU). README \"Which GPUs?\"", "auto")
+
+
+@dataclass
 class VAEConfig:
     parallel: bool = key("with a model group (ulysses x tp) of more than one rank, all of them decode a band of "
                          "latent rows (exact: the one-rank frames) and its first rank writes; false: the first "
@@ -81,10 +89,30 @@ class VAEConfig:
 
 
 @dataclass
+class ServeConfig:
+    host: str = key("mode=serve: the address to listen on; the default is loopback only, a network address "
+                    "(e.g. 0.0.0.0) is a deliberate choice", "127.0.0.1")
+    port: int = key("mode=serve: the port", 8000)
+    queue_size: int = key("mode=serve: videos waiting at most; more get 429 with Retry-After", 16)
+    output_dir: str = key("mode=serve: where videos and their records are written (kept across restarts)",
+                          "./served")
+    api_key: Optional[str] = key("mode=serve: when set (or $K4FLASH_API_KEY), every route but /health needs "
+                                 "Authorization: Bearer <key>", None)
+    max_body_bytes: int = key("mode=serve: a request body larger than this gets 413", 65536)
+    drain_timeout_s: float = key("mode=serve: after SIGTERM, how long the videos in progress may take to finish",
+                                 120.0)
+    save_latents: bool = key("mode=serve: also write <id>.latents.safetensors", False)
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = key("the model: kandinsky4_flash (published weights) or tiny (built-in, untrained)",
                              MISSING)
     parallel: ParallelConfig = key("multi-rank layout", factory=ParallelConfig)
+    mode: str = key("generate: the prompt or prompts_file, then exit; serve: keep the model loaded and take "
+                    "requests over HTTP (README \"Serve\")", "generate")
+    serve: ServeConfig = key("mode=serve: the HTTP server", factory=ServeConfig)
+    text_encoder: TextEncoderConfig = key("text encoder placement", factory=TextEncoderConfig)
     vae: VAEConfig = key("VAE decode", factory=VAEConfig)
     prompt: str = key("the text prompt (single-video mode)", "")
     seed: int = key("one CPU generator: the same seed gives the same video on any device and rank count", 42)

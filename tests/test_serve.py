@@ -1,0 +1,171 @@
+"""mode=serve: a real server on loopback under torchrun (tp = 2, and dp = 2) with the tiny model, driven by the
+official openai client and raw HTTP; its videos are the CLI's; every refusal has its status; SIGTERM drains;
+a restart keeps the record; a dead rank makes /health 503 and the job exit 3."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from serve_server import ENTRY, KEY, Server, server_env
+
+IMAGE = dict(prompt="a red square", seconds="0", size="512x512")
+
+
+def _cli_latents(tmp_path, tiny_cache, seed, time_length=0, width=512, height=512):
+    out = tmp_path / f"cli-{seed}-{time_length}.png"
+    result = subprocess.run([sys.executable, str(ENTRY), "model=tiny", "prompt=a red square", f"seed={seed}",
+                             f"time_length={time_length}", f"width={width}", f"height={height}", f"save_path={out}",
+                             "save_latents=true", "progress=false"], cwd=tmp_path, env=server_env(tiny_cache),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return load_file(str(out.with_name(out.stem + ".latents.safetensors")))["latents"]
+
+
+@pytest.fixture(scope="module")
+def tp2(tmp_path_factory, tiny_cache):
+    cwd = tmp_path_factory.mktemp("serve_tp2")
+    server = Server(cwd, tiny_cache, 2, f"serve.api_key={KEY}", "serve.queue_size=2", "serve.max_body_bytes=2048")
+    yield server
+    server.stop()
+
+
+def test_openai_client_videos_are_the_clis(tp2, tmp_path, tiny_cache):
+    client = tp2.client()
+    video = client.videos.create(**IMAGE, extra_body={"seed": 3})
+    assert (video.object, video.status, video.seconds, video.size, video.seed) == ("video", "queued", "0", "512x512", 3)
+    done = client.videos.retrieve(video.id)
+    while done.status not in ("completed", "failed"):
+        time.sleep(0.1)
+        done = client.videos.retrieve(video.id)
+    assert done.status == "completed" and done.progress == 100, done
+    content = client.videos.download_content(video.id)
+    assert content.response.headers["content-type"] == "image/png" and content.content[:4] == b"\x89PNG"
+    served = load_file(str(tp2.output_dir / f"{video.id}.latents.safetensors"))["latents"]
+    expected = _cli_latents(tmp_path, tiny_cache, seed=3)
+    assert expected.abs().max() > 0.1 and torch.allclose(served, expected, rtol=1e-5, atol=1e-5)
+    assert video.id in [v.id for v in client.videos.list().data]
+
+
+def test_concurrent_requests_through_the_client_and_raw_http_all_complete(tp2):
+    client, ids, errors = tp2.client(), [], []
+
+    def through_client(seed):
+        try:
+            ids.append(client.videos.create(**IMAGE, extra_body={"seed": seed}).id)
+        except Exception as err:  # a 429 is fine here: the queue holds 2
+            errors.append(err)
+
+    threads = [threading.Thread(target=through_client, args=(s,)) for s in (10, 11)]
+    for t in threads:
+        t.start()
+    status, body, _ = tp2.request("POST", "/v1/videos", {"prompt": "a blue circle", "time_length": 0, "width": 672,
+                                                        "height": 384, "seed": 12})
+    for t in threads:
+        t.join()
+    if status == 200:
+        ids.append(json.loads(body)["id"])
+    assert len(ids) >= 2 and all(getattr(e, "status_code", None) == 429 for e in errors)
+    for video_id in ids:
+        assert tp2.wait(video_id)["status"] == "completed"
+
+
+@pytest.mark.parametrize("body, status, message", [
+    ({"prompt": "x", "seconds": "0", "size": "500x672"}, 400, "height x width = 672x500 is not allowed"),
+    ({"prompt": "x", "time_length": -2}, 400, "time_length=-2 is out of range"),
+    ({"prompt": " "}, 400, "prompt=' ' is empty"),
+    ({"prompt": "x", "fps": 8}, 400, "unknown field 'fps'"),
+    ({"prompt": "x", "seed": "abc"}, 400, "seed='abc' must be a whole number"),
+    ({"prompt": "x" * 3000}, 413, "over serve.max_body_bytes=2048"),
+])
+def test_bad_requests_get_the_clis_message(tp2, body, status, message):
+    got, response, _ = tp2.request("POST", "/v1/videos", body)
+    assert got == status and message in json.loads(response)["error"]["message"], response
+
+
+def test_keys_ids_and_unfinished_videos(tp2):
+    assert tp2.status("/v1/videos", key=None)[0] == 401
+    assert tp2.status("/v1/videos", key="wrong")[0] == 401
+    assert tp2.status("/health", key=None)[0] == 200  # health needs no key
+    assert tp2.status("/v1/videos/video_nope")[0] == 404
+    assert tp2.status("/v1/videos/video_nope/content")[0] == 404
+    assert tp2.status("/v1/videos/..%2F..%2Fetc%2Fpasswd")[0] == 404  # ids are the server's: no path in them
+    status, body, _ = tp2.request("POST", "/v1/videos", {"prompt": "a slow one", "seconds": 1, "size": "512x512"})
+    video_id = json.loads(body)["id"]
+    assert tp2.status(f"/v1/videos/{video_id}/content")[0] == 409
+    record = tp2.wait(video_id)
+    assert record["status"] == "completed" and tp2.status(f"/v1/videos/{video_id}/content")[0] == 200
+    models = json.loads(tp2.status("/v1/models")[1])["data"][0]
+    assert models["id"] == "tiny" and models["mesh"]["tp"] == 2 and models["dtype"] == "float32"
+    assert tp2.request("DELETE", f"/v1/videos/{video_id}")[0] == 200
+    assert tp2.status(f"/v1/videos/{video_id}")[0] == 404 and not list(tp2.output_dir.glob(f"{video_id}*"))
+
+
+def test_a_full_queue_answers_429_with_retry_after(tp2):
+    answers = [tp2.request("POST", "/v1/videos", {"prompt": f"p{i}", "seconds": 1, "size": "512x512"})
+               for i in range(6)]
+    statuses = [a[0] for a in answers]
+    assert 429 in statuses and statuses.count(200) <= 3, statuses
+    assert all(a[2].get("Retry-After") for a in answers if a[0] == 429)
+    for status, body, _ in answers:
+        if status == 200:
+            tp2.wait(json.loads(body)["id"])
+
+
+def test_dp2_serves_two_videos_at_once_with_the_clis_latents(tmp_path, tiny_cache):
+    server = Server(tmp_path, tiny_cache, 2, "parallel.tp=1")
+    try:
+        ids = [json.loads(server.request("POST", "/v1/videos", dict(IMAGE, seed=s), key=None)[1])["id"]
+               for s in (3, 4)]
+        records = [server.wait(i) for i in ids]
+        assert all(r["status"] == "completed" for r in records)
+        served = load_file(str(server.output_dir / f"{ids[0]}.latents.safetensors"))["latents"]
+        assert torch.allclose(served, _cli_latents(tmp_path, tiny_cache, seed=3), rtol=1e-5, atol=1e-5)
+        written_by = {json.loads(server.records_path(i).read_text())["rank"] for i in ids}
+        assert written_by == {0, 1}  # one video per data-parallel group, at the same time
+    finally:
+        assert server.stop() == 0, server.output()
+
+
+def test_sigterm_drains_and_a_restart_keeps_the_record(tmp_path, tiny_cache):
+    server = Server(tmp_path, tiny_cache, 2, "serve.queue_size=4")
+    running = json.loads(server.request("POST", "/v1/videos", {"prompt": "p", "seconds": 1, "size": "512x512"},
+                                        key=None)[1])["id"]
+    queued = [json.loads(server.request("POST", "/v1/videos", {"prompt": f"q{i}", "seconds": 1, "size": "512x512"},
+                                        key=None)[1])["id"] for i in range(2)]
+    server.wait(running, statuses=("in_progress",))
+    assert server.stop() == 0, server.output()  # SIGTERM: the video in progress finishes, every rank exits 0
+    records = {p.name.split(".")[0]: json.loads(p.read_text()) for p in server.output_dir.glob("*.record.json")}
+    assert records[running]["status"] == "completed" and (server.output_dir / f"{running}.mp4").stat().st_size > 0
+    assert all(records[q]["status"] == "failed" and "stopped" in records[q]["error"]["message"] for q in queued)
+
+    again = Server(tmp_path, tiny_cache, 1)  # one process, same output_dir
+    try:
+        listed = {v["id"]: v["status"] for v in json.loads(again.status("/v1/videos", key=None)[1])["data"]}
+        assert listed[running] == "completed" and all(listed[q] == "failed" for q in queued)
+        assert again.status(f"/v1/videos/{running}/content", key=None)[0] == 200
+    finally:
+        assert again.stop() == 0
+
+
+def test_a_dead_rank_makes_health_503_and_the_job_exit_3(tmp_path, tiny_cache):
+    """A frozen rank (SIGSTOP: the launcher sees nothing, as when a node hangs): rank 0's heartbeats miss it,
+    /health turns 503, then the verdict ends the job with status 3, naming it."""
+    server = Server(tmp_path, tiny_cache, 2, launcher="k4flash.app.launch")
+    frozen = server.ranks()[1]
+    os.kill(frozen, signal.SIGSTOP)
+    deadline = time.monotonic() + 60
+    saw_503 = False
+    while "error:" not in server.output() and time.monotonic() < deadline:
+        saw_503 |= server.status("/health", key=None)[0] == 503
+        time.sleep(0.05)
+    os.kill(frozen, signal.SIGKILL)  # the launcher's SIGTERM cannot reach a stopped process (it would wait 30 s)
+    assert server.process.wait(timeout=60) == 3, server.output()
+    assert "error: distributed run failed: rank 1 died or froze" in server.output()
+    assert saw_503  # between the missed heartbeats and the verdict, /health said so
