@@ -32,7 +32,7 @@ CASES = {
 }
 WORLD_CASES = {2: ["tiny-video", "tiny-two-chunks", "tiny-image", "mid-video", "mid-image"],
                4: ["tiny-video", "tiny-image", "mid-video", "fallback"]}
-FLOAT_TOLERANCE = 1e-4
+FLOAT_TOLERANCE = 3e-6  # README and docs/parallel.md: the split decode matches one rank to ≤ 3e-6
 
 
 def build_vae(name):
