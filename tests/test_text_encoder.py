@@ -83,7 +83,12 @@ def test_tokenizer_matches_sentencepiece_and_fits_the_vocab(encoder, tiny_weight
 def test_bfloat16_encoder(tiny_weights):
     encoder = T5TextEncoder(tiny_weights / "text_encoder", tiny_weights / "tokenizer", dtype=torch.bfloat16)
     assert encoder.encoder.dtype == torch.bfloat16
-    assert encoder(["a cat"]).dtype == torch.bfloat16
+    embed = encoder(["a cat"])
+    assert embed.dtype == torch.bfloat16
+    # The same embedding as float32's, to bf16's precision (~3 significant digits), not just the same shape.
+    full = T5TextEncoder(tiny_weights / "text_encoder", tiny_weights / "tokenizer")(["a cat"])
+    assert full.abs().max() > 0.1
+    torch.testing.assert_close(embed.float(), full, rtol=0.05, atol=0.05 * full.abs().max().item())
 
 
 def test_custom_max_length(tiny_weights):

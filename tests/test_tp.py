@@ -118,6 +118,50 @@ def checkpoints(tmp_path_factory):
     return {fmt: folder / "kandinsky4_distil_512.pt" for fmt, folder in folders.items()}
 
 
+def _without_reduction():
+    """Negative control: every row-parallel all-reduce keeps this rank's partial sum (the call still counted)."""
+    from unittest import mock
+
+    from parallel import comm
+
+    def counted_but_not_reduced(tensor, group):
+        comm._record("all_reduce", tensor, group)
+        return tensor
+    return mock.patch.object(comm, "all_reduce_sum", counted_but_not_reduced)
+
+
+def _neighbours_slice():
+    """Negative control: each rank loads the next rank's slice of every sharded tensor."""
+    from unittest import mock
+
+    from parallel import load
+    take = load.take_shard
+    return mock.patch.object(load, "take_shard", lambda read, style, kind, shape, rank, world: take(
+        read, style, kind, shape, (rank + 1) % world, world))
+
+
+def _bytes_read(runtime, checkpoint):
+    """Bytes the safetensors reader hands back while this rank loads its shard, and the shard's own bytes."""
+    from unittest import mock
+
+    from k4flash import weights
+    from parallel.load import load_dit_sharded
+    read_bytes = [0]
+    reader = weights.SafetensorsCheckpoint.reader
+
+    def counting_reader(self, key):
+        read = reader(self, key)
+
+        def counted(rows, cols):
+            piece = read(rows, cols)
+            read_bytes[0] += piece.numel() * piece.element_size()
+            return piece
+        return counted
+    with mock.patch.object(weights.SafetensorsCheckpoint, "reader", counting_reader):
+        model = load_dit_sharded(TINY_DIT_PARAMS, checkpoint, runtime.dit_mesh)
+    return read_bytes[0], sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 def _world_cases(runtime, tiny_weights, checkpoints):
     """Every case of this world size, on this rank."""
     world = runtime.world_size
@@ -127,6 +171,12 @@ def _world_cases(runtime, tiny_weights, checkpoints):
     if world == 2:
         out["loaded"] = {fmt: _load_shard(runtime, path) for fmt, path in checkpoints.items()}
         out["from_full"] = _shard_from_full(runtime, tiny_dit_state_dict(0))
+        with _without_reduction():
+            out["forward_unreduced"] = _sharded_forward(runtime, tiny_dit_state_dict(0))
+            out["pipeline_unreduced"] = _pipeline_run(runtime, tiny_weights, REQUESTS[world])
+        with _neighbours_slice():
+            out["loaded_shifted"] = _load_shard(runtime, checkpoints["safetensors"])
+        out["bytes_read"] = _bytes_read(runtime, checkpoints["safetensors"].with_suffix(".safetensors"))
     return out
 
 
@@ -156,3 +206,32 @@ def test_sharded_loading_reads_only_this_ranks_slice(fmt, worlds):
     # rank 1 holds the second half of q's rows, then of k's, then of v's
     torch.testing.assert_close(loaded[1][qkv][:64], state[qkv][64:128], rtol=0, atol=0)
     torch.testing.assert_close(loaded[1][qkv][64:128], state[qkv][192:256], rtol=0, atol=0)
+
+
+def test_each_tp_check_fails_when_the_reduction_is_dropped_or_the_slice_shifted(worlds, one_rank_pipe):
+    """Negative controls for the parity tests above: the same comparisons, with the feature broken, fail."""
+    state = tiny_dit_state_dict(0)
+    model = DiffusionTransformer3D(**TINY_DIT_PARAMS).eval()
+    model.load_state_dict(state)
+    with torch.no_grad():
+        expected = model(*_inputs())
+    expected_video = one_rank_pipe.generate(**REQUESTS[2], progress=False)
+    for rank in worlds(2):
+        out, calls, _ = rank["forward_unreduced"]
+        assert calls == {"all_reduce": 2 * 2 * TINY_DIT_PARAMS["num_blocks"], "all_gather": 1}  # still called
+        assert (out - expected).abs().max() > 1e-2  # ...but each rank keeps its partial sum
+        latents = rank["pipeline_unreduced"][0]
+        assert (latents - expected_video.latents).abs().max() > 1e-2
+        shifted, want = rank["loaded_shifted"], rank["from_full"]
+        qkv = "transformer_blocks.0.0.self_attention.to_query_key_value.weight"
+        assert not torch.equal(shifted[qkv], want[qkv])
+
+
+def test_sharded_loading_reads_its_slice_and_no_more(worlds):
+    """Measured, not compared with the plan's own slicing: each rank reads exactly the bytes it keeps, about
+    half the file at tp = 2 (the replicated embeddings, norms and biases are read whole by both)."""
+    full = sum(v.numel() * v.element_size() for v in tiny_dit_state_dict(0).values())
+    for rank in worlds(2):
+        read, kept = rank["bytes_read"]
+        assert read == kept
+        assert 0.5 * full < read < 0.6 * full, (read, full)
