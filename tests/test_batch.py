@@ -122,3 +122,30 @@ def test_world_not_divisible_by_tp_fails_before_loading(tmp_path, tiny_cache):
     result = subprocess.run([sys.executable, str(ENTRY), *BATCH, "parallel.tp=3"], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "parallel.tp=3 does not divide the world size 4; allowed: [1, 2, 4]" in result.stderr
+
+
+def test_a_video_without_its_sidecar_is_redone_and_the_sidecar_goes_last(tmp_path, tiny_cache, monkeypatch):
+    """A killed job can leave an image whose sidecar never came; the sidecar marks "finished", so that prompt is
+    done again, and the pipeline writes the sidecar after the image and the latents."""
+    (tmp_path / "prompts.txt").write_text("a red square\n")
+    (tmp_path / "out").mkdir()
+    half = tmp_path / "out" / "00000-a-red-square.png"
+    half.write_bytes(b"the image of a job killed before its sidecar")
+    result = subprocess.run([sys.executable, str(ENTRY), *BATCH], cwd=tmp_path, env=_env(tiny_cache),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "1 written, 0 skipped (already done)" in result.stdout + result.stderr
+    assert half.read_bytes()[:4] == b"\x89PNG" and half.with_suffix(".json").is_file()
+
+    # The order of the writes, seen from inside: image, latents, then the sidecar.
+    from k4flash import get_T2V_pipeline, pipeline
+    from k4flash.tiny import TINY_DIT_PARAMS, ensure_tiny_weights
+    order = []
+    for name in ("write_png", "write_safetensors_atomic", "write_json_atomic"):
+        original = getattr(pipeline, name)
+        monkeypatch.setattr(pipeline, name, lambda *a, _f=original, _n=name, **k: (order.append(_n), _f(*a, **k))[1])
+    monkeypatch.setenv("K4FLASH_CACHE", str(tiny_cache))
+    pipe = get_T2V_pipeline("cpu", cache_dir=ensure_tiny_weights(), dit_params=TINY_DIT_PARAMS, download=False)
+    generation = pipe.generate("a red square", time_length=0, width=512, height=512, seed=1, progress=False)
+    pipe.write_outputs(generation, tmp_path / "api.mp4", save_latents=True)
+    assert order == ["write_png", "write_safetensors_atomic", "write_json_atomic"]

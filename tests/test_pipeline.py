@@ -1,6 +1,7 @@
 """End to end on the tiny model: the model card's call, seed determinism, outputs, bad input."""
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -70,6 +71,10 @@ def test_prompt_changes_the_video(pipe):
 def test_return_frames_gives_pil_frames(pipe):
     frames = pipe(text=PROMPT, time_length=1, width=736, height=352, seed=3, return_frames=True)
     assert len(frames) == 9 and frames[0].size == (736, 352)
+    # The video itself, frame by frame, not just its count and size.
+    expected = pipe.generate(PROMPT, time_length=1, width=736, height=352, seed=3, progress=False).frames
+    assert torch.equal(torch.stack([torch.from_numpy(np.asarray(f)) for f in frames]), expected)
+    assert expected.float().std() > 10
 
 
 def test_save_latents_and_image_outputs(pipe, tmp_path):
@@ -89,9 +94,11 @@ def test_save_latents_and_image_outputs(pipe, tmp_path):
     (dict(text="   "), r"prompt='   ' is empty"),
     (dict(bs=2), r"bs=2 is not supported"),
 ])
-def test_bad_requests_fail_before_work(pipe, tmp_path, kwargs, message):
+def test_bad_requests_fail_before_work(pipe, tmp_path, kwargs, message, monkeypatch):
     call = dict(text=PROMPT, save_path=str(tmp_path / "x.mp4"), time_length=1, width=512, height=512, seed=1)
     call.update(kwargs)
+    for stage in ("encode_text", "denoise", "decode"):  # any of them running means work began before the check
+        monkeypatch.setattr(pipe, stage, lambda *a, stage=stage, **k: pytest.fail(f"{stage} ran before the check"))
     with pytest.raises(ValueError, match=message):
         pipe(**call)
     assert not list(tmp_path.iterdir())

@@ -1,4 +1,7 @@
 """Strict, validated DiT loading and weight-path resolution."""
+import os
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -122,3 +125,27 @@ def test_a_checkpoint_of_another_size_is_recognised_and_named(tiny_weights):
                                               r"21 block pairs of width 3072 \(the published DiT\); pass its "
                                               r"dit_params="):
         load_dit(PUBLISHED_DIT_PARAMS, tiny_weights / "kandinsky4_distil_512.pt")
+
+
+def test_the_convert_command_writes_what_loads_and_refuses_to_overwrite(tmp_path, state):
+    """`python -m parallel.convert` as a user runs it: the .safetensors it writes loads to the same weights;
+    run again, it keeps the file (exit 0, the path printed); a missing checkpoint is one error line, exit 2."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    source = _save(tmp_path, state)
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root))
+    run = lambda *args: subprocess.run([sys.executable, "-m", "parallel.convert", *args], cwd=tmp_path, env=env,  # noqa: E731
+                                       capture_output=True, text=True, timeout=120)
+    first = run(str(source))
+    target = source.with_suffix(".safetensors")
+    assert first.returncode == 0 and first.stdout.strip() == str(target), first.stderr
+    converted = load_file(str(target))
+    assert set(converted) == set(state) and all(torch.equal(converted[k], state[k]) for k in state)
+    mtime = target.stat().st_mtime_ns
+    assert run(str(source)).returncode == 0 and target.stat().st_mtime_ns == mtime  # already there: kept
+    missing = run(str(tmp_path / "nowhere.pt"))
+    assert missing.returncode == 2 and missing.stderr.startswith("error: ") and len(missing.stderr.splitlines()) == 1
