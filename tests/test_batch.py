@@ -111,7 +111,13 @@ def test_dp2_x_tp2_gives_the_one_rank_videos(tmp_path, tiny_cache):
         for png in (tmp_path / name / "out").glob("*.png"):
             assert log.count(f"wrote {Path('out') / png.name}") == 1, (name, png.name, log[-3000:])
         assert "batch finished in" in log and "4 written, 0 skipped (already done), 0 failed" in log, log[-3000:]
-    assert "rank 2: wrote out/00001-a-blue-circle.png" in logs["dp2tp2"]
+    # Dealt every D-th prompt: group 0 (ranks 0-1) writes prompts 0 and 2, group 1 (ranks 2-3) prompts 1 and 3,
+    # each by its first rank only.
+    lines = [line for line in logs["dp2tp2"].splitlines() if "wrote out/" in line]
+    by_rank = {name: [line.split(" - ")[-1].split(": wrote")[0] if ": wrote" in line else "rank 0"
+                      for line in lines if name in line]
+               for name in ("00000", "00001", "00002", "00003")}
+    assert by_rank == {"00000": ["rank 0"], "00001": ["rank 2"], "00002": ["rank 0"], "00003": ["rank 2"]}, lines
     # Nothing but the outputs and the prompts: Hydra writes no folder or log file unless asked.
     assert sorted(p.name for p in (tmp_path / "dp2tp2").iterdir()) == ["out", "prompts.txt"]
 

@@ -20,11 +20,13 @@ def _inputs(seed=0):
     return x, text, torch.tensor([749.0])
 
 
-def _sharded_forward(runtime, state):
+def _sharded_forward(runtime, state, compiled=False):
     from parallel import comm
     model = DiffusionTransformer3D(**TINY_DIT_PARAMS).eval()
     model.load_state_dict(state)
     parallelize_dit(model, runtime.dit_mesh)
+    if compiled:  # aot_eager: dynamo's graphs without inductor's code generation (fast on CPU)
+        model.compile_blocks(backend="aot_eager")
     local_params = sum(p.numel() for p in model.parameters())
     x, text, t = _inputs()
     with torch.no_grad():
@@ -177,6 +179,7 @@ def _world_cases(runtime, tiny_weights, checkpoints):
         with _neighbours_slice():
             out["loaded_shifted"] = _load_shard(runtime, checkpoints["safetensors"])
         out["bytes_read"] = _bytes_read(runtime, checkpoints["safetensors"].with_suffix(".safetensors"))
+        out["compiled"] = _sharded_forward(runtime, tiny_dit_state_dict(0), compiled=True)
     return out
 
 
@@ -235,3 +238,12 @@ def test_sharded_loading_reads_its_slice_and_no_more(worlds):
         read, kept = rank["bytes_read"]
         assert read == kept
         assert 0.5 * full < read < 0.6 * full, (read, full)
+
+
+def test_compiled_blocks_under_tp_send_the_same_collectives_and_give_the_same_output(worlds):
+    """README: with compile=true the collectives stay eager graph breaks, so the counts stay the same."""
+    for rank in worlds(2):
+        eager_out, eager_calls, _ = rank["forward"]
+        compiled_out, compiled_calls, _ = rank["compiled"]
+        assert compiled_calls == eager_calls == {"all_reduce": 2 * 2 * TINY_DIT_PARAMS["num_blocks"], "all_gather": 1}
+        torch.testing.assert_close(compiled_out, eager_out, atol=1e-5, rtol=1e-5)
