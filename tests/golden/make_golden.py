@@ -27,6 +27,7 @@ OFFICIAL_COMMIT = "7506103"  # ai-forever/Kandinsky-4, the commit these numbers 
 TIMESTEPS = (999, 749, 249)
 SEED, PIPELINE_SEED = 1234, 7
 VISUAL, TEXT_TOKENS = (3, 8, 12), 20
+PROMPT, PROMPT_SEED, PROMPT_LATENT = "a red square on a blue field", 11, (1, 64, 64)  # an image, 512x512
 
 
 def tiny_builder_fingerprint() -> str:
@@ -98,7 +99,36 @@ def main(argv=None):
         latents = diffusion_generate_renoise(float32_dit, scheduler, (*VISUAL, TINY_DIT_PARAMS["in_visual_dim"]), "cpu",
                                              4, text, visual_cu, text_cu, seed=PIPELINE_SEED)
     tensors["final_latents"] = latents.float().contiguous()
+
+    # One prompt through the official T5 embedder, the same sampler, then the decode of an image: the
+    # official __call__ needs CUDA (`.to(local_dit_rank)`), so its decode lines for time_length 0
+    # (t2v_pipeline.py, "# VAE") and ToPILImage's conversion are transcribed here, in float32.
+    from diffusers import AutoencoderKLCogVideoX
+    from kandinsky.model.text_embedders import T5TextEmbedder
+    from omegaconf import OmegaConf
+
+    weights = ensure_tiny_weights()
+    conf = OmegaConf.create({"text_embedder": {"params": {"checkpoint_path": str(weights / "text_encoder"),
+                                                          "tokenizer_path": str(weights / "tokenizer")},
+                                               "tokens_lenght": 224}})
+    embedder = T5TextEmbedder(conf)
+    vae = AutoencoderKLCogVideoX.from_pretrained(str(weights / "vae")).eval()
+    with torch.no_grad():
+        prompt_embed = embedder(PROMPT).squeeze(0)  # (224, d_model)
+        text_cu = torch.tensor([0, prompt_embed.shape[0]], dtype=torch.int32)
+        visual_cu = torch.tensor([0, PROMPT_LATENT[0]], dtype=torch.int32)
+        video_latents = diffusion_generate_renoise(float32_dit, scheduler, (*PROMPT_LATENT, TINY_DIT_PARAMS["in_visual_dim"]),
+                                                   "cpu", 4, prompt_embed, visual_cu, text_cu, seed=PROMPT_SEED).float()
+        vae.num_latent_frames_batch_size = 1  # time_length == 0
+        images = 1 / vae.config.scaling_factor * video_latents
+        images = vae.decode(images.permute(0, 3, 1, 2).unsqueeze(2)).sample.float()  # (1, 3, 1, H, W)
+        images = torch.clip((images + 1.) / 2., 0., 1.)
+        # ToPILImage, as the official code returns an image: mul(255) then a byte cast, (H, W, 3)
+        frame = images[0, :, 0].mul(255).byte().permute(1, 2, 0)
+    tensors.update(prompt_embed=prompt_embed.contiguous(), prompt_latents=video_latents.contiguous(),
+                   prompt_frame=frame.contiguous())
     metadata = {"official_commit": OFFICIAL_COMMIT, "tiny_builder_sha256": tiny_builder_fingerprint(),
+                "prompt": PROMPT, "prompt_seed": str(PROMPT_SEED),
                 "timesteps": ",".join(map(str, TIMESTEPS)), "seed": str(SEED), "pipeline_seed": str(PIPELINE_SEED),
                 "scheduler_timesteps": ",".join(str(int(t)) for t in scheduler.timesteps)}
     save_file(tensors, str(args.out), metadata=metadata)
