@@ -21,7 +21,6 @@ is unchanged.
 """
 import math
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 

@@ -311,10 +311,8 @@ def serve(cfg, runtime, pipe, health, channel: Channel, model_info: dict) -> Non
     output_dir = Path(cfg.serve.output_dir)
     metadata = {"model": cfg.model.name, "untrained": bool(cfg.model.untrained)}
     http = scheduler = None
-    stopping = threading.Event()
 
     def drain(signum, frame):  # SIGTERM / Ctrl-C: finish what runs, then stop (rank 0 decides when)
-        stopping.set()
         if scheduler is not None:
             scheduler.draining.set()
     signal.signal(signal.SIGTERM, drain)

@@ -121,6 +121,6 @@ class VideoRecords:
         return self.save(record)
 
     def delete(self, video_id: str) -> None:
-        record = self.records.pop(video_id)
+        self.records.pop(video_id)
         for suffix in (".mp4", ".png", ".json", ".latents.safetensors", ".record.json"):
             self.path(video_id, suffix).unlink(missing_ok=True)
