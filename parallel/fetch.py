@@ -13,6 +13,7 @@ from .health import connect_store, store_prefix
 
 DOWNLOAD_WAIT_S = 24 * 3600.0
 POLL_S = 0.5
+READ_WAIT_S = 10.0  # how long rank 0 waits for the others to read its failure before it leaves
 
 
 def _key(name: str) -> str:
@@ -33,6 +34,10 @@ def fetch_on_rank0(resolve, rank: int, world_size: int, wait_s: float = DOWNLOAD
             paths = resolve(True)
         except Exception as err:
             store.set(_key("result"), f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
+            # The store lives in this process: leaving at once could close it before the others read the error.
+            deadline = time.monotonic() + READ_WAIT_S
+            while store.add(_key("read"), 0) < world_size - 1 and time.monotonic() < deadline:
+                time.sleep(POLL_S)
             raise
         store.set(_key("result"), "ok")
         return paths
@@ -43,6 +48,7 @@ def fetch_on_rank0(resolve, rank: int, world_size: int, wait_s: float = DOWNLOAD
             raise TimeoutError(f"rank {rank}: rank 0 did not finish fetching the weights in {wait_s:.0f} s")
         time.sleep(POLL_S)
     result = store.get(_key("result")).decode()
+    store.add(_key("read"), 1)
     if result != "ok":
         raise FileNotFoundError(f"rank 0 could not fetch the weights ({result.removeprefix('error: ')})")
     return resolve(False)
