@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import AutoencoderKLCogVideoX
+
+if TYPE_CHECKING:  # diffusers takes seconds to import: only a process that loads a VAE pays for it
+    from diffusers import AutoencoderKLCogVideoX
 
 
 def load_vae(
@@ -19,6 +22,8 @@ def load_vae(
         raise TypeError(f"dtype={dtype!r} must be a torch.dtype such as torch.float32 or torch.bfloat16")
     # low_cpu_mem_usage needs accelerate; asking for it without accelerate only prints a warning.
     has_accelerate = importlib.util.find_spec("accelerate") is not None
+    from diffusers import AutoencoderKLCogVideoX
+
     vae = AutoencoderKLCogVideoX.from_pretrained(str(path), torch_dtype=dtype, low_cpu_mem_usage=has_accelerate)
     return vae.to(device).eval().requires_grad_(False)
 

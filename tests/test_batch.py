@@ -6,10 +6,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from k4flash.app.batch import read_prompts_file, slugify
+
+from parity import assert_parity
 from spawn import free_port
 from test_cli import ENTRY
 
@@ -89,37 +90,69 @@ def test_batch_resumes_and_survives_a_failing_prompt(tmp_path, tiny_cache):
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no temp files
 
 
-def test_dp2_x_tp2_gives_the_one_rank_videos(tmp_path, tiny_cache):
-    logs = {}
-    for name, launcher in (("one", []), ("dp2tp2", ["-m", "torch.distributed.run", "--nproc-per-node", "4",
-                                                     "--master-port", str(free_port())])):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "prompts.txt").write_text(PROMPTS)
-        result = subprocess.run([sys.executable, *launcher, str(ENTRY), *BATCH, "parallel.tp=2"] if launcher else
-                                [sys.executable, str(ENTRY), *BATCH], cwd=tmp_path / name, env=_env(tiny_cache),
-                                capture_output=True, text=True, timeout=400)
+DP2_TP2 = ["-m", "torch.distributed.run", "--nproc-per-node", "4"]
+BREAKS_PATH = ENTRY.parent / "tests" / "breaks"  # sitecustomize.py: K4FLASH_TEST_BREAK breaks parallel/ in the ranks
+
+
+@pytest.fixture(scope="module")
+def dp_tp_runs(tmp_path_factory, tiny_cache):
+    """The batch on one process, on dp 2 x tp 2, and on dp 2 x tp 2 with every rank loading its neighbour's
+    column-parallel rows (the negative control): name -> (output folder, log)."""
+    runs = {}
+    for name, launcher, broken in (("one", [], None), ("dp2tp2", DP2_TP2, None),
+                                   ("dp2tp2, slice shifted", DP2_TP2, "shifted_slice")):
+        cwd = tmp_path_factory.mktemp("batch")
+        (cwd / "prompts.txt").write_text(PROMPTS)
+        env = _env(tiny_cache)
+        if broken:
+            env.update(K4FLASH_TEST_BREAK=broken, PYTHONPATH=os.pathsep.join([str(BREAKS_PATH), str(ENTRY.parent)]))
+        command = [sys.executable, *launcher, "--master-port", str(free_port()), str(ENTRY), *BATCH, "parallel.tp=2"] \
+            if launcher else [sys.executable, str(ENTRY), *BATCH]
+        result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=400)
         assert result.returncode == 0, result.stderr[-3000:]
-        logs[name] = result.stdout + result.stderr
-    for one in sorted((tmp_path / "one" / "out").glob("*.latents.safetensors")):
-        other = tmp_path / "dp2tp2" / "out" / one.name
-        torch.testing.assert_close(load_file(str(other))["latents"], load_file(str(one))["latents"],
-                                   atol=1e-5, rtol=1e-5)
-    assert len(list((tmp_path / "dp2tp2" / "out").glob("*.png"))) == 4
+        runs[name] = (cwd, result.stdout + result.stderr)
+    return runs
+
+
+def check_dp_tp_batch(runs, name):
+    """The dp x tp batch gave the one-rank latents for every prompt; each group took every second prompt and its
+    first rank alone wrote and logged it; rank 0 summed up; nothing else was written."""
+    cwd, log = runs[name]
+    one_cwd, one_log = runs["one"]
+    expected = sorted((one_cwd / "out").glob("*.latents.safetensors"))
+    assert len(expected) == 4
+    for one in expected:
+        assert_parity(load_file(str(cwd / "out" / one.name))["latents"], load_file(str(one))["latents"],
+                      atol=1e-5, rtol=1e-5, what=f"latents of {one.name}")
+    assert len(list((cwd / "out").glob("*.png"))) == 4
     # Every output is logged once, by the group that wrote it (rank 0 for group 0, rank 2 for group 1),
     # and rank 0 ends with a summary.
-    for name, log in logs.items():
-        for png in (tmp_path / name / "out").glob("*.png"):
-            assert log.count(f"wrote {Path('out') / png.name}") == 1, (name, png.name, log[-3000:])
-        assert "batch finished in" in log and "4 written, 0 skipped (already done), 0 failed" in log, log[-3000:]
+    for folder, text in ((cwd, log), (one_cwd, one_log)):
+        for png in (folder / "out").glob("*.png"):
+            assert text.count(f"wrote {Path('out') / png.name}") == 1, (png.name, text[-3000:])
+        assert "batch finished in" in text and "4 written, 0 skipped (already done), 0 failed" in text, text[-3000:]
     # Dealt every D-th prompt: group 0 (ranks 0-1) writes prompts 0 and 2, group 1 (ranks 2-3) prompts 1 and 3,
     # each by its first rank only.
-    lines = [line for line in logs["dp2tp2"].splitlines() if "wrote out/" in line]
-    by_rank = {name: [line.split(" - ")[-1].split(": wrote")[0] if ": wrote" in line else "rank 0"
-                      for line in lines if name in line]
-               for name in ("00000", "00001", "00002", "00003")}
+    lines = [line for line in log.splitlines() if "wrote out/" in line]
+    by_rank = {index: [line.split(" - ")[-1].split(": wrote")[0] if ": wrote" in line else "rank 0"
+                       for line in lines if index in line]
+               for index in ("00000", "00001", "00002", "00003")}
     assert by_rank == {"00000": ["rank 0"], "00001": ["rank 2"], "00002": ["rank 0"], "00003": ["rank 2"]}, lines
     # Nothing but the outputs and the prompts: Hydra writes no folder or log file unless asked.
-    assert sorted(p.name for p in (tmp_path / "dp2tp2").iterdir()) == ["out", "prompts.txt"]
+    assert sorted(p.name for p in cwd.iterdir()) == ["out", "prompts.txt"]
+
+
+def test_dp2_x_tp2_gives_the_one_rank_videos(dp_tp_runs):
+    check_dp_tp_batch(dp_tp_runs, "dp2tp2")
+
+
+def test_the_dp_tp_check_fails_when_a_slice_is_shifted(dp_tp_runs):
+    """Negative control: every rank loads its neighbour's q/k/v and MLP-in rows (tests/breaks); the batch still
+    runs to the end, and the same check must fail on the latents."""
+    cwd, log = dp_tp_runs["dp2tp2, slice shifted"]
+    assert "[tests/breaks] parallel.load broken" in log
+    with pytest.raises(AssertionError, match="latents of 00000"):
+        check_dp_tp_batch(dp_tp_runs, "dp2tp2, slice shifted")
 
 
 def test_world_not_divisible_by_tp_fails_before_loading(tmp_path, tiny_cache):

@@ -10,6 +10,8 @@ from k4flash.published import PUBLISHED_DIT_PARAMS
 from k4flash.tools.reference import reference_forward
 from k4flash.tiny import TINY_DIT_PARAMS, tiny_dit_state_dict
 
+from parity import assert_parity
+
 
 def get_init_dict(**overrides):
     return {**TINY_DIT_PARAMS, **overrides}
@@ -78,7 +80,7 @@ def test_forward_matches_literal_spec_reference(latent):
     expected = reference_forward(model.state_dict(), TINY_DIT_PARAMS, x, text, 749.0)
     assert out.shape == x.shape
     assert out.abs().max() > 0.1  # a real signal, not a zeroed model
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert_parity(out, expected, atol=1e-5, rtol=1e-5, what="velocity")
 
 
 def test_reference_is_sensitive_to_modulation_chunk_order():
@@ -106,7 +108,7 @@ def test_batched_forward_equals_per_video_forward():
     with torch.no_grad():
         batched = model(x, text, t)
         single = torch.cat([model(x[i:i + 1], text[i:i + 1], t[i:i + 1]) for i in range(2)])
-    torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-5)
+    assert_parity(batched, single, atol=1e-5, rtol=1e-5, what="velocity")
 
 
 def test_rope_closed_form():
@@ -172,5 +174,5 @@ def test_attention_runs_on_the_chosen_sdpa_backends():
         model.sdpa_backends = ("flash", "nope")
         with pytest.raises(ValueError, match=r"allowed names are \['flash', 'efficient', 'cudnn', 'math'\]"):
             model(x, text, t)
-    torch.testing.assert_close(math_only, default, atol=1e-5, rtol=1e-5)
+    assert_parity(math_only, default, atol=1e-5, rtol=1e-5, what="velocity")
     assert default.abs().mean() > 0.1

@@ -3,7 +3,6 @@ a download longer than the collective timeout does not abort the job, and a fail
 import time
 from datetime import timedelta
 
-import pytest
 
 from spawn import run_ranks
 

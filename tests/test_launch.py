@@ -5,9 +5,9 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
+from parity import assert_parity
 from spawn import free_port
 from test_cli import ENTRY
 
@@ -22,6 +22,8 @@ LAUNCHERS = {
                "--master-port", "{port}", str(ENTRY)],
     "torchrun.sh": ["bash", str(LAUNCH_SH)],  # NPROC_PER_NODE=2 (below)
 }
+BREAKS_PATH = ENTRY.parent / "tests" / "breaks"  # sitecustomize.py: K4FLASH_TEST_BREAK breaks parallel/ in the ranks
+BROKEN = {"torchrun.sh, all-reduce dropped": ("torchrun.sh", "all_reduce")}
 
 
 def _env(tiny_cache, **extra):
@@ -32,26 +34,44 @@ def _env(tiny_cache, **extra):
 @pytest.fixture(scope="module")
 def runs(tiny_cache, tmp_path_factory):
     out = {}
-    for name, launcher in LAUNCHERS.items():
-        cwd = tmp_path_factory.mktemp(name)
-        launcher = [arg.format(port=free_port()) for arg in launcher]
-        result = subprocess.run([*launcher, *ARGS, "save_path=img.mp4"], cwd=cwd, env=_env(tiny_cache, NPROC_PER_NODE="2"),
+    for name, (launcher, broken) in {**{n: (n, None) for n in LAUNCHERS}, **BROKEN}.items():
+        cwd = tmp_path_factory.mktemp("run")
+        command = [arg.format(port=free_port()) for arg in LAUNCHERS[launcher]]
+        extra = dict(NPROC_PER_NODE="2")
+        if broken:
+            extra.update(K4FLASH_TEST_BREAK=broken, PYTHONPATH=os.pathsep.join([str(BREAKS_PATH), str(ENTRY.parent)]))
+        result = subprocess.run([*command, *ARGS, "save_path=img.mp4"], cwd=cwd, env=_env(tiny_cache, **extra),
                                 capture_output=True, text=True, timeout=300)
         out[name] = (cwd, result)
     return out
 
 
-@pytest.mark.parametrize("name", ["torchrun", "launch", "torchrun.sh"])
-def test_multi_rank_launchers_match_one_process(runs, name):
+def check_same_image_on_two_ranks(runs, name):
+    """The run exited 0 on 2 ranks, wrote only the image, latents and sidecar, and its latents are the one process's."""
     cwd, result = runs[name]
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "(float32, 2 rank(s): dp 1 x ulysses 1 x tp 2)" in result.stdout + result.stderr  # both ranks took part
     one_cwd, one = runs["python"]
     assert one.returncode == 0, one.stderr[-3000:]
-    latents = load_file(str(cwd / "img.latents.safetensors"))["latents"]
-    torch.testing.assert_close(latents, load_file(str(one_cwd / "img.latents.safetensors"))["latents"],
-                               atol=1e-5, rtol=1e-5)
+    assert_parity(load_file(str(cwd / "img.latents.safetensors"))["latents"],
+                  load_file(str(one_cwd / "img.latents.safetensors"))["latents"], atol=1e-5, rtol=1e-5, what="latents")
     written = sorted(p.name for p in cwd.iterdir() if p.is_file())
     assert written == ["img.json", "img.latents.safetensors", "img.png"]  # rank 0 alone writes, no stray files
+
+
+@pytest.mark.parametrize("name", ["torchrun", "launch", "torchrun.sh"])
+def test_multi_rank_launchers_match_one_process(runs, name):
+    check_same_image_on_two_ranks(runs, name)
+
+
+@pytest.mark.parametrize("name", sorted(BROKEN))
+def test_the_launcher_check_fails_when_a_rank_keeps_its_partial_sum(runs, name):
+    """Negative control: the same check on a torchrun.sh run whose row-parallel all-reduce returns each rank's own
+    partial sum (tests/breaks) must fail, on the latents, although the run itself went through."""
+    cwd, result = runs[name]
+    assert result.returncode == 0 and "[tests/breaks] parallel.comm broken" in result.stderr, result.stderr[-3000:]
+    with pytest.raises(AssertionError, match="latents"):
+        check_same_image_on_two_ranks(runs, name)
 
 
 def test_torchrun_sh_exits_with_the_documented_status_and_one_line(tmp_path, tiny_cache):

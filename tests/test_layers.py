@@ -8,6 +8,7 @@
     facade   k4flash/__init__.py     the model card's call; routes to parallel/ under a launcher, lazily
 """
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -127,6 +128,19 @@ def test_the_library_runs_without_parallel_and_the_facade_without_torch():
             "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'parallel' or m.startswith('k4flash.app')); "
             "assert not bad, bad; print(len(sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_diffusers_is_imported_only_to_load_a_vae(tiny_weights):
+    """diffusers takes seconds to import, paid by every rank of every launch and by the test collection:
+    importing the library, parallel/ and the app loads it not at all; loading a VAE does."""
+    modules = [module_name(p) for folder in ("k4flash", "parallel", "k4flash/app")
+               for p in sorted((ROOT / folder).glob("*.py")) if p.name not in ("__init__.py", "__main__.py")]
+    code = (f"import sys; import {', '.join(modules)}; assert 'diffusers' not in sys.modules, 'imported'; "
+            "import k4flash.vae as v; v.load_vae(sys.argv[1]); "
+            "assert 'diffusers' in sys.modules, 'never'")
+    result = subprocess.run([sys.executable, "-c", code, str(tiny_weights / "vae")], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert result.returncode == 0, result.stderr[-2000:]
 
 

@@ -21,6 +21,8 @@ SBATCH = REPO / "launch" / "slurm.sbatch"
 BUDGET_S = 360              # the whole module: apt install, cluster start and every job
 INSTALL_TIMEOUT_S = 180     # apt-get update + install; over it, the module is skipped
 TINY = ["model=tiny", "width=512", "height=512", "progress=false"]
+# README "SLURM": a Hydra folder per job, the same one across requeues (Hydra resolves the job id in each run)
+HYDRA_PER_JOB = ["hydra.run.dir=outputs/${oc.env:SLURM_JOB_ID}", "hydra.output_subdir=.hydra", "hydra/job_logging=default"]
 
 
 class BudgetExceeded(Exception):
@@ -101,8 +103,8 @@ def wait_ok(cluster, job_id, cwd, timeout) -> dict:
 def test_single_image_job_on_two_ranks(cluster, tiny_cache, tmp_path):
     """sbatch from a directory outside the repo: the script finds the repo, runs 2 ranks, writes the image."""
     t0 = time.monotonic()
-    job = cluster.submit(SBATCH, [*TINY, "time_length=0", "seed=3", "prompt=a red square", "save_path=out/pic.mp4"],
-                         cwd=tmp_path, export=job_env(tiny_cache))
+    job = cluster.submit(SBATCH, [*TINY, "time_length=0", "seed=3", "prompt=a red square", "save_path=out/pic.mp4",
+                                  *HYDRA_PER_JOB], cwd=tmp_path, export=job_env(tiny_cache))
     info = wait_ok(cluster, job, tmp_path, timeout=240)
     print(f"job {job}: {time.monotonic() - t0:.1f} s from sbatch to COMPLETED")
     log = job_log(cluster, job, tmp_path)
@@ -111,6 +113,11 @@ def test_single_image_job_on_two_ranks(cluster, tiny_cache, tmp_path):
     assert (tmp_path / "out" / "pic.png").exists(), log
     sidecar = json.loads((tmp_path / "out" / "pic.json").read_text())
     assert sidecar["model"] == "tiny" and sidecar["seed"] == 3 and sidecar["prompt"] == "a red square"
+    # outputs/<job id>: one folder, rank 0's alone (one "wrote" line in its log), with the resolved config
+    assert os.listdir(tmp_path / "outputs") == [job]
+    hydra_log = (tmp_path / "outputs" / job / "run_inference_distil.log").read_text()
+    assert hydra_log.count("wrote out/pic.png") == 1, hydra_log
+    assert "seed: 3" in (tmp_path / "outputs" / job / ".hydra" / "config.yaml").read_text()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,7 +159,7 @@ def test_batch_job_requeued_cancelled_and_resubmitted_resumes(cluster, tiny_cach
     prompts = ["a red square on a white wall", "a blue circle in the sky", "a green triangle on the grass"]
     (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
     # 1 s videos: a prompt takes ~15 s here (decode), so each interruption lands mid-batch.
-    args = [*TINY, "time_length=1", "seed=11", "prompts_file=prompts.txt", "output_dir=out"]
+    args = [*TINY, "time_length=1", "seed=11", "prompts_file=prompts.txt", "output_dir=out", *HYDRA_PER_JOB]
     out = tmp_path / "out"
     t0 = time.monotonic()
 
@@ -189,5 +196,9 @@ def test_batch_job_requeued_cancelled_and_resubmitted_resumes(cluster, tiny_cach
         assert json.loads(done[index][1].read_text())["prompt"] == prompt
     for path, before in {**first, **second}.items():
         assert identity(path) == before, f"{path.name} was rewritten after a restart"
+    # outputs/<job id>: the requeued run logged into the first run's folder; the new job has its own
+    assert sorted(os.listdir(tmp_path / "outputs")) == sorted([job, again])
+    requeued_log = (tmp_path / "outputs" / job / "run_inference_distil.log").read_text()
+    assert requeued_log.count("loaded tiny on cpu") == 2 and "wrote out/00001-" in requeued_log, requeued_log
     print(f"batch: first output + requeue {t_requeued - t0:.1f} s, requeued run to cancel {t_cancelled - t_requeued:.1f} s,"
           f" resubmitted job {time.monotonic() - t_cancelled:.1f} s")

@@ -27,8 +27,8 @@ class UsageError(ValueError):
     """Bad configuration or input: reported as one line, exit status 2."""
 
 
-# Ranks other than 0 neither create a Hydra run directory nor write .hydra/ or a log file:
-# the job's one directory is rank 0's (or the SLURM job id's), never each rank's clock.
+# Ranks other than 0 neither create a Hydra run directory nor write .hydra/ or a log file, even when
+# the user asks for them (hydra.run.dir=...): the job's one folder is rank 0's, never one per rank.
 NON_MAIN_RANK_OVERRIDES = ("hydra.output_subdir=null", "hydra.run.dir=.", "hydra/job_logging=none",
                            "hydra/hydra_logging=none")
 

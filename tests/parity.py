@@ -1,0 +1,42 @@
+"""The one parity check the tests share, and its use in negative controls.
+
+A parity test passes whatever the code does when the reference is near zero or constant (a zero-initialised
+output layer, an all-black frame): `assert_parity` refuses such a reference, and a tolerance that is not small
+beside the reference's magnitude. A negative control calls `assert_parity_fails` on the output of a deliberately
+broken run, so the same comparison is shown to react.
+"""
+import pytest
+import torch
+
+# The tolerance must be at most this fraction of the reference's largest magnitude.
+MAX_TOLERANCE_FRACTION = 0.01
+
+
+def assert_parity(got: torch.Tensor, want: torch.Tensor, *, atol: float, rtol: float = 0.0, what: str = "output"):
+    """got equals want within atol + rtol·|want|, and want is large and varied enough for that to mean something."""
+    reference = want.detach().double()
+    scale = reference.abs().max().item() if reference.numel() else 0.0
+    spread = reference.std().item() if reference.numel() > 1 else 0.0
+    assert scale > 0 and spread > 0, f"{what}: the reference is trivially small (max |x| = {scale:.3g}, " \
+                                     f"std = {spread:.3g}): a parity check on it cannot fail"
+    assert max(atol, rtol * scale) <= MAX_TOLERANCE_FRACTION * scale, \
+        f"{what}: tolerance atol={atol:g} rtol={rtol:g} is not small beside the reference's max |x| = {scale:.3g}"
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    torch.testing.assert_close(got.detach().double(), reference, atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+
+
+def assert_parity_fails(got: torch.Tensor, want: torch.Tensor, **tolerances):
+    """The negative control: the same check, on a broken run's output, must fail (on the values, not the reference)."""
+    assert_parity(want, want, **tolerances)  # the reference itself passes: a failure below is got's fault
+    with pytest.raises(AssertionError):
+        assert_parity(got, want, **tolerances)
+
+
+def parity_holds(got: torch.Tensor, want: torch.Tensor, **tolerances) -> bool:
+    """Whether assert_parity passes (for negative controls where one rank of several must fail)."""
+    assert_parity(want, want, **tolerances)
+    try:
+        assert_parity(got, want, **tolerances)
+    except AssertionError:
+        return False
+    return True
