@@ -23,7 +23,9 @@ LAUNCHERS = {
     "torchrun.sh": ["bash", str(LAUNCH_SH)],  # NPROC_PER_NODE=2 (below)
 }
 BREAKS_PATH = ENTRY.parent / "tests" / "breaks"  # sitecustomize.py: K4FLASH_TEST_BREAK breaks parallel/ in the ranks
-BROKEN = {"torchrun.sh, all-reduce dropped": ("torchrun.sh", "all_reduce")}
+# negative controls: name -> (launcher, K4FLASH_TEST_BREAK, NPROC_PER_NODE)
+BROKEN = {"torchrun.sh, all-reduce dropped": ("torchrun.sh", "all_reduce", "2"),
+          "torchrun.sh, one rank started": ("torchrun.sh", None, "1")}
 
 
 def _env(tiny_cache, **extra):
@@ -34,10 +36,10 @@ def _env(tiny_cache, **extra):
 @pytest.fixture(scope="module")
 def runs(tiny_cache, tmp_path_factory):
     out = {}
-    for name, (launcher, broken) in {**{n: (n, None) for n in LAUNCHERS}, **BROKEN}.items():
+    for name, (launcher, broken, nproc) in {**{n: (n, None, "2") for n in LAUNCHERS}, **BROKEN}.items():
         cwd = tmp_path_factory.mktemp("run")
         command = [arg.format(port=free_port()) for arg in LAUNCHERS[launcher]]
-        extra = dict(NPROC_PER_NODE="2")
+        extra = dict(NPROC_PER_NODE=nproc)
         if broken:
             extra.update(K4FLASH_TEST_BREAK=broken, PYTHONPATH=os.pathsep.join([str(BREAKS_PATH), str(ENTRY.parent)]))
         result = subprocess.run([*command, *ARGS, "save_path=img.mp4"], cwd=cwd, env=_env(tiny_cache, **extra),
@@ -50,7 +52,7 @@ def check_same_image_on_two_ranks(runs, name):
     """The run exited 0 on 2 ranks, wrote only the image, latents and sidecar, and its latents are the one process's."""
     cwd, result = runs[name]
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "(float32, 2 rank(s): dp 1 x ulysses 1 x tp 2)" in result.stdout + result.stderr  # both ranks took part
+    assert "(float32, 2 rank(s): dp 1 x ulysses 1 x tp 2)" in result.stdout + result.stderr, "not on 2 ranks"
     one_cwd, one = runs["python"]
     assert one.returncode == 0, one.stderr[-3000:]
     assert_parity(load_file(str(cwd / "img.latents.safetensors"))["latents"],
@@ -64,14 +66,22 @@ def test_multi_rank_launchers_match_one_process(runs, name):
     check_same_image_on_two_ranks(runs, name)
 
 
-@pytest.mark.parametrize("name", sorted(BROKEN))
-def test_the_launcher_check_fails_when_a_rank_keeps_its_partial_sum(runs, name):
+def test_the_launcher_check_fails_when_a_rank_keeps_its_partial_sum(runs):
     """Negative control: the same check on a torchrun.sh run whose row-parallel all-reduce returns each rank's own
     partial sum (tests/breaks) must fail, on the latents, although the run itself went through."""
-    cwd, result = runs[name]
+    cwd, result = runs["torchrun.sh, all-reduce dropped"]
     assert result.returncode == 0 and "[tests/breaks] parallel.comm broken" in result.stderr, result.stderr[-3000:]
     with pytest.raises(AssertionError, match="latents"):
-        check_same_image_on_two_ranks(runs, name)
+        check_same_image_on_two_ranks(runs, "torchrun.sh, all-reduce dropped")
+
+
+def test_the_launcher_check_fails_when_one_rank_runs_alone(runs):
+    """Negative control: a launcher that started one process gives the one-process latents; the check still
+    fails, on the layout line."""
+    cwd, result = runs["torchrun.sh, one rank started"]
+    assert result.returncode == 0, result.stderr[-3000:]
+    with pytest.raises(AssertionError, match="not on 2 ranks"):
+        check_same_image_on_two_ranks(runs, "torchrun.sh, one rank started")
 
 
 def test_torchrun_sh_exits_with_the_documented_status_and_one_line(tmp_path, tiny_cache):
