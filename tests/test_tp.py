@@ -147,24 +147,57 @@ def _neighbours_slice():
         read, style, kind, shape, rank if style == tp.ROWWISE else (rank + 1) % world, world))
 
 
+class _CountingSafetensors:
+    """safetensors.safe_open, counting the bytes each slice copies out of the file (safetensors reads only the
+    requested region): what a rank reads from disk, whatever the loader does with it afterwards."""
+
+    def __init__(self, safe_open, counter):
+        self.safe_open, self.counter = safe_open, counter
+
+    def __call__(self, *args, **kwargs):
+        return _CountingFile(self.safe_open(*args, **kwargs), self.counter)
+
+
+class _CountingFile:
+    def __init__(self, file, counter):
+        self.file, self.counter = file, counter
+
+    def __enter__(self):
+        self.file.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.file.__exit__(*exc)
+
+    def keys(self):
+        return self.file.keys()
+
+    def get_slice(self, key):
+        return _CountingSlice(self.file.get_slice(key), self.counter)
+
+
+class _CountingSlice:
+    def __init__(self, piece, counter):
+        self.piece, self.counter = piece, counter
+
+    def get_shape(self):
+        return self.piece.get_shape()
+
+    def __getitem__(self, index):
+        tensor = self.piece[index]
+        self.counter[0] += tensor.numel() * tensor.element_size()
+        return tensor
+
+
 def _bytes_read(runtime, checkpoint):
-    """Bytes the safetensors reader hands back while this rank loads its shard, and the shard's own bytes."""
+    """Bytes this rank copies out of the .safetensors file while loading its shard, and the shard's own bytes."""
     from unittest import mock
 
-    from k4flash import weights
+    import safetensors
+
     from parallel.load import load_dit_sharded
     read_bytes = [0]
-    reader = weights.SafetensorsCheckpoint.reader
-
-    def counting_reader(self, key):
-        read = reader(self, key)
-
-        def counted(rows, cols):
-            piece = read(rows, cols)
-            read_bytes[0] += piece.numel() * piece.element_size()
-            return piece
-        return counted
-    with mock.patch.object(weights.SafetensorsCheckpoint, "reader", counting_reader):
+    with mock.patch.object(safetensors, "safe_open", _CountingSafetensors(safetensors.safe_open, read_bytes)):
         model = load_dit_sharded(TINY_DIT_PARAMS, checkpoint, runtime.dit_mesh)
     return read_bytes[0], sum(p.numel() * p.element_size() for p in model.parameters())
 
