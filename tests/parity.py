@@ -5,11 +5,20 @@ output layer, an all-black frame): `assert_parity` refuses such a reference, and
 beside the reference's magnitude. A negative control calls `assert_parity_fails` on the output of a deliberately
 broken run, so the same comparison is shown to react.
 """
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
 # The tolerance must be at most this fraction of the reference's largest magnitude.
 MAX_TOLERANCE_FRACTION = 0.01
+BREAKS = Path(__file__).resolve().parent / "breaks"  # its sitecustomize.py breaks parallel/ in launched ranks
+
+
+def break_env(name: str) -> dict:
+    """Environment entries that make every rank of a launched run break `name` (tests/breaks/sitecustomize.py)."""
+    return dict(K4FLASH_TEST_BREAK=name, PYTHONPATH=os.pathsep.join([str(BREAKS), str(BREAKS.parents[1])]))
 
 
 def assert_parity(got: torch.Tensor, want: torch.Tensor, *, atol: float, rtol: float = 0.0, what: str = "output"):

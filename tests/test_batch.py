@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from k4flash.app.batch import read_prompts_file, slugify
 
-from parity import assert_parity
+from parity import assert_parity, break_env
 from spawn import free_port
 from test_cli import ENTRY
 
@@ -91,7 +91,6 @@ def test_batch_resumes_and_survives_a_failing_prompt(tmp_path, tiny_cache):
 
 
 DP2_TP2 = ["-m", "torch.distributed.run", "--nproc-per-node", "4"]
-BREAKS_PATH = ENTRY.parent / "tests" / "breaks"  # sitecustomize.py: K4FLASH_TEST_BREAK breaks parallel/ in the ranks
 
 
 @pytest.fixture(scope="module")
@@ -103,9 +102,7 @@ def dp_tp_runs(tmp_path_factory, tiny_cache):
                                    ("dp2tp2, slice shifted", DP2_TP2, "shifted_slice")):
         cwd = tmp_path_factory.mktemp("batch")
         (cwd / "prompts.txt").write_text(PROMPTS)
-        env = _env(tiny_cache)
-        if broken:
-            env.update(K4FLASH_TEST_BREAK=broken, PYTHONPATH=os.pathsep.join([str(BREAKS_PATH), str(ENTRY.parent)]))
+        env = dict(_env(tiny_cache), **(break_env(broken) if broken else {}))
         command = [sys.executable, *launcher, "--master-port", str(free_port()), str(ENTRY), *BATCH, "parallel.tp=2"] \
             if launcher else [sys.executable, str(ENTRY), *BATCH]
         result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=400)

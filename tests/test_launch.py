@@ -7,7 +7,7 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from parity import assert_parity
+from parity import assert_parity, break_env
 from spawn import free_port
 from test_cli import ENTRY
 
@@ -22,7 +22,6 @@ LAUNCHERS = {
                "--master-port", "{port}", str(ENTRY)],
     "torchrun.sh": ["bash", str(LAUNCH_SH)],  # NPROC_PER_NODE=2 (below)
 }
-BREAKS_PATH = ENTRY.parent / "tests" / "breaks"  # sitecustomize.py: K4FLASH_TEST_BREAK breaks parallel/ in the ranks
 # negative controls: name -> (launcher, K4FLASH_TEST_BREAK, NPROC_PER_NODE)
 BROKEN = {"torchrun.sh, all-reduce dropped": ("torchrun.sh", "all_reduce", "2"),
           "torchrun.sh, one rank started": ("torchrun.sh", None, "1")}
@@ -39,9 +38,7 @@ def runs(tiny_cache, tmp_path_factory):
     for name, (launcher, broken, nproc) in {**{n: (n, None, "2") for n in LAUNCHERS}, **BROKEN}.items():
         cwd = tmp_path_factory.mktemp("run")
         command = [arg.format(port=free_port()) for arg in LAUNCHERS[launcher]]
-        extra = dict(NPROC_PER_NODE=nproc)
-        if broken:
-            extra.update(K4FLASH_TEST_BREAK=broken, PYTHONPATH=os.pathsep.join([str(BREAKS_PATH), str(ENTRY.parent)]))
+        extra = dict(NPROC_PER_NODE=nproc, **(break_env(broken) if broken else {}))
         result = subprocess.run([*command, *ARGS, "save_path=img.mp4"], cwd=cwd, env=_env(tiny_cache, **extra),
                                 capture_output=True, text=True, timeout=300)
         out[name] = (cwd, result)
