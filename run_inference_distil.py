@@ -8,8 +8,8 @@ import sys
 
 import hydra
 
-from k4flash.app.cli import prepare_argv, run
-from k4flash.app.config import register_configs
+from launch.cli import prepare_argv, run
+from launch.config import register_configs
 
 prepare_argv(sys.argv)  # drops torch.distributed.launch's --local-rank=N; keeps Hydra files to rank 0
 register_configs()

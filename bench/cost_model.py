@@ -4,25 +4,23 @@
 
 No weights and no accelerator: the DiT and T5 counts are arithmetic, cross-checked with
 torch.utils.flop_counter on meta-device modules of the published size; each plan's work per
-rank is counted on the meta device (parallel/plan.py); the VAE decode is counted by running
+rank is counted on the meta device (parallel/rank_work.py); the VAE decode is counted by running
 the published CogVideoX decoder on the meta device (~20 s on a CPU; --no-meta-check uses the
 stored count).
 """
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
-if __package__ in (None, ""):  # `python bench/cost_model.py` from a checkout
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.report import Report, add_output_args  # noqa: E402
-from k4flash import cost  # noqa: E402
-from k4flash.dit import DiffusionTransformer3D  # noqa: E402
-from k4flash.published import PUBLISHED_DIT_PARAMS  # noqa: E402
-from parallel.plan import (ALLOCATOR_HEADROOM, COMMUNICATOR_BYTES, CUDA_CONTEXT_BYTES, OFFLOADS,  # noqa: E402
-                           candidate_plans, choose_plan, predict_plan, rank_memory)
+from bench.report import Report, add_output_args
+from k4flash.dit import DiffusionTransformer3D
+from k4flash.published import PUBLISHED_DIT_PARAMS
+from parallel import cost
+from parallel.counting import count_flops, vae_decode_counts
+from parallel.plan import candidate_plans
+from parallel.planner import (ALLOCATOR_HEADROOM, COMMUNICATOR_BYTES, CUDA_CONTEXT_BYTES, OFFLOADS, choose_plan,
+                              predict_plan, rank_memory)
 
 
 def meta_dit_flops(params=PUBLISHED_DIT_PARAMS, latent_fhw=cost.PUBLISHED_LATENT,
@@ -33,7 +31,7 @@ def meta_dit_flops(params=PUBLISHED_DIT_PARAMS, latent_fhw=cost.PUBLISHED_LATENT
         x = torch.empty(1, *latent_fhw, params["in_visual_dim"])
         text = torch.empty(1, text_tokens, params["in_text_dim"])
         t = torch.empty(1)
-    return cost.count_flops(lambda: model(x, text, t))["total"]
+    return count_flops(lambda: model(x, text, t))["total"]
 
 
 def meta_t5_flops(tokens=cost.TEXT_TOKENS) -> int:
@@ -43,7 +41,7 @@ def meta_t5_flops(tokens=cost.TEXT_TOKENS) -> int:
     with torch.device("meta"):
         model = T5EncoderModel(config)
         ids = torch.zeros(1, tokens, dtype=torch.long)
-    return cost.count_flops(lambda: model(input_ids=ids))["total"]
+    return count_flops(lambda: model(input_ids=ids))["total"]
 
 
 def _tf(x):
@@ -103,7 +101,9 @@ def planner_choices(degrees, sizes_gb, mfu, gpu=cost.H100_SXM) -> list:
 
 def memory_report(mfu=0.5, degrees=(1, 2, 4, 8), sizes_gb=(24, 40, 80), gpu=cost.H100_SXM) -> Report:
     """Peak GPU memory per rank of every plan and text-encoder offload, against common GPU sizes."""
-    report = Report("cost_model_memory", gpu=gpu.name, latent=cost.PUBLISHED_LATENT)
+    # Its own report name, but the command that printed it is bench.cost_model's.
+    command = " ".join(["python", "-m", "bench.cost_model", *sys.argv[1:]])
+    report = Report("cost_model_memory", command, gpu=gpu.name, latent=cost.PUBLISHED_LATENT)
     rows = []
     for world in degrees:
         for plan in candidate_plans(PUBLISHED_DIT_PARAMS, world):
@@ -151,7 +151,7 @@ def build_report(mfu=0.5, degrees=(1, 2, 4, 8), meta_check=True) -> Report:
                  f"{2 * params['num_blocks']} blocks (x {cost.NUM_STEPS} steps per video)",
                  [("part", "part", None), ("tflop", "TFLOP", _tf), ("share", "share of total", ".3f")], rows)
 
-    vae = cost.vae_decode_counts() if meta_check else cost.PUBLISHED_VAE_DECODE
+    vae = vae_decode_counts() if meta_check else cost.PUBLISHED_VAE_DECODE
     report.table(f"Each plan on 1-{max(degrees)} {gpu.name}: one DiT step per rank, and one video end to end "
                  f"(MFU {mfu:.0%}; memory-bound bytes at HBM speed; comm on NVLink; no overlap)", [
                      ("gpus", "GPUs", None), ("plan", "plan", None), ("rank_tflop", "TFLOP / rank", ".1f"),
@@ -180,9 +180,9 @@ def build_report(mfu=0.5, degrees=(1, 2, 4, 8), meta_check=True) -> Report:
                 f"TB/s HBM, {gpu.link_bytes_per_s / 1e9:.0f} GB/s NVLink per direction (datasheet). MFU {mfu:.0%} is an "
                 f"assumption, not a measurement.")
     report.note("Per rank: FLOPs and eager memory-bound bytes counted by running the plan's code for one rank on "
-                "the meta device in bf16 (parallel/plan.py; its float32 copies for RoPE and the time embedding "
+                "the meta device in bf16 (parallel/rank_work.py; its float32 copies for RoPE and the time embedding "
                 "included); 'fused' is the floor once torch.compile fuses each block's elementwise work "
-                "(k4flash/cost.py dit_fused_bytes); GB / GPU is the first-order memory estimate of the busiest rank "
+                "(parallel/cost.py dit_fused_bytes); GB / GPU is the first-order memory estimate of the busiest rank "
                 "(T5-XXL resident on it).")
     report.note("FLOPs: 2 per multiply-add, Linear biases and elementwise ops not counted (as FlopCounterMode). "
                 "Attention = QK^T + AV = 4(N+L)^2 D per block.")

@@ -1,5 +1,5 @@
 """DiT forward time on CPU: ours eager, ours torch.compile'd, and the literal reference forward
-(k4flash/tools/reference.py), in one run.
+(k4flash/reference.py), in one run.
 
     python -m bench.dit_forward [--config mid|tiny] [--threads 1] [--repeats 5] [--compile] [--no-reference]
                                 [--json F] [--md F]
@@ -7,52 +7,25 @@
 Random non-zero weights (k4flash.tiny.fill_deterministic_), float32, no_grad. Ours: one
 warm-up call, then `--repeats` timed calls. `--compile` then compiles the blocks in place
 (DiffusionTransformer3D.compile_blocks), times the first call (the compile) on its own and
-`--repeats` calls after it. `k4flash.tools.reference.reference_forward` (separate visual/text
+`--repeats` calls after it. `k4flash.reference.reference_forward` (separate visual/text
 passes, RoPE tables rebuilt per call) runs on the same weights and inputs once, plus a
 second time if the first took < 60 s; its output also checks ours. Ratios are medians
 measured in this process.
 """
 import argparse
 import statistics
-import sys
-import time
-from pathlib import Path
 
 import torch
 
-if __package__ in (None, ""):  # `python bench/dit_forward.py` from a checkout
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.configs import DIT_CONFIGS, TIMESTEP, dit_inputs
+from bench.report import Report, add_output_args
+from bench.timing import timed
+from k4flash.dit import DiffusionTransformer3D
+from k4flash.reference import reference_forward
+from k4flash.tiny import fill_deterministic_
 
-from bench.report import Report, add_output_args  # noqa: E402
-from k4flash.dit import DiffusionTransformer3D  # noqa: E402
-from k4flash.tools.reference import reference_forward  # noqa: E402
-from k4flash.tiny import TINY_DIT_PARAMS, fill_deterministic_  # noqa: E402
-
-CONFIGS = {
-    # 8 heads of 64; 5 x 16 x 24 = 1920 visual tokens + 64 text tokens.
-    "mid": dict(params=dict(in_visual_dim=16, in_text_dim=256, out_visual_dim=16, time_dim=512, patch_size=(1, 2, 2),
-                            model_dim=512, ff_dim=2048, num_blocks=2, axes_dims=(16, 24, 24)),
-                latent=(5, 32, 48, 16), text_tokens=64),
-    "tiny": dict(params=TINY_DIT_PARAMS, latent=(3, 8, 12, 16), text_tokens=20),
-}
+CONFIG_NAMES = ("mid", "tiny")  # of bench.configs.DIT_CONFIGS: what a CPU runs in seconds
 REFERENCE_SECOND_RUN_LIMIT_S = 60.0
-TIMESTEP = 749.0
-
-
-def timed(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return out, times
-
-
-def config_inputs(config, seed=1):
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, *config["latent"], generator=generator)
-    text = torch.randn(1, config["text_tokens"], config["params"]["in_text_dim"], generator=generator)
-    return x, text, torch.tensor([TIMESTEP])
 
 
 def _row(variant, times, out, baseline_out, first_call_s=None):
@@ -63,7 +36,7 @@ def _row(variant, times, out, baseline_out, first_call_s=None):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", choices=sorted(CONFIGS), default="mid")
+    parser.add_argument("--config", choices=CONFIG_NAMES, default="mid")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="also time the torch.compile'd blocks")
@@ -73,11 +46,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    config = CONFIGS[args.config]
+    config = DIT_CONFIGS[args.config]
     params = config["params"]
     model = fill_deterministic_(DiffusionTransformer3D(**params), seed=0).eval()
-    x, text, timestep = config_inputs(config)
-    grid = [s // p for s, p in zip(config["latent"][:3], params["patch_size"])]
+    x, text, timestep = dit_inputs(config)
+    grid = [s // p for s, p in zip(config["latent"], params["patch_size"])]
     report = Report("dit_forward", config=args.config, dtype="float32", threads=args.threads, repeats=args.repeats,
                     tokens=f"{grid[0] * grid[1] * grid[2]}+{config['text_tokens']}", params=params)
     rows = []
@@ -95,7 +68,7 @@ def main(argv=None):
                 ref_times += timed(reference, 1)[1]
             else:
                 report.note(f"reference took {ref_times[0]:.1f} s (> {REFERENCE_SECOND_RUN_LIMIT_S:.0f} s): run once")
-            rows.append(_row("literal reference (k4flash/tools/reference.py)", ref_times, ref_out, eager_out))
+            rows.append(_row("literal reference (k4flash/reference.py)", ref_times, ref_out, eager_out))
         if args.compile:
             model.compile_blocks(backend=args.backend)
             _, (first_s,) = timed(lambda: model(x, text, timestep), 1)

@@ -12,7 +12,7 @@ the pipeline's order: the group's first rank loads T5 and encodes a prompt (afte
 frees it) around the DiT load, as `load_pipeline` does, then every rank runs one DiT forward at
 1 frame of 512x512 (1,024 + 224 tokens, bf16). Each phase reports every rank's peak RSS
 (VmHWM, after resetting it) and peak anonymous memory (RssAnon, sampled every 5 ms), next to
-parallel.plan.rank_memory's prediction for the same rank: the process's anonymous memory before
+parallel.planner.rank_memory's prediction for the same rank: the process's anonymous memory before
 any weight plus the resident weights and the phase's activations (device="cpu": no allocator
 headroom, no CUDA context). The comparison is with anonymous memory, what the process itself
 holds, as a GPU would: the DiT loaders copy every tensor out of the file, and T5's weights,
@@ -28,20 +28,19 @@ import json
 import shutil
 import statistics
 import struct
-import sys
 import tempfile
 import threading
 from pathlib import Path
 
 import torch
 
-if __package__ in (None, ""):  # `python bench/memory.py` from a checkout
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.report import Report, add_output_args  # noqa: E402
-from k4flash import cost  # noqa: E402
-from k4flash.published import PUBLISHED_DIT_PARAMS, TEXT_TOKENS  # noqa: E402
-from tests.spawn import run_ranks  # noqa: E402
+from bench.configs import dit_inputs
+from bench.host_memory import reset_peak_rss, status_kib
+from bench.ranks import in_fresh_process
+from bench.report import Report, add_output_args
+from k4flash.published import PUBLISHED_DIT_PARAMS, TEXT_TOKENS
+from parallel import cost
+from parallel.spawn import run_ranks
 
 SIZES = {
     "published": dict(dit=PUBLISHED_DIT_PARAMS, t5=cost.T5_XXL, latent=(1, 64, 64)),
@@ -109,19 +108,12 @@ def write_weights(folder: Path, size: str) -> Path:
     return root
 
 
-def _status_kib(field):
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
 class PhasePeak:
     """A phase's peak RSS (VmHWM after resetting the mark) and peak anonymous RSS (sampled every 5 ms)."""
 
     def __enter__(self):
-        Path("/proc/self/clear_refs").write_text("5")
-        self.anon = _status_kib("RssAnon")
+        reset_peak_rss()
+        self.anon = status_kib("RssAnon")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -129,13 +121,13 @@ class PhasePeak:
 
     def _sample(self):
         while not self._stop.wait(0.005):
-            self.anon = max(self.anon, _status_kib("RssAnon"))
+            self.anon = max(self.anon, status_kib("RssAnon"))
 
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self.anon = max(self.anon, _status_kib("RssAnon")) * 1024
-        self.rss = max(_status_kib("VmHWM"), _status_kib("VmRSS")) * 1024
+        self.anon = max(self.anon, status_kib("RssAnon")) * 1024
+        self.rss = max(status_kib("VmHWM"), status_kib("VmRSS")) * 1024
 
 
 def _rank_run(runtime, root, size, offload):
@@ -148,7 +140,7 @@ def _rank_run(runtime, root, size, offload):
 
     spec, root = SIZES[size], Path(root)
     first = runtime.group_rank == 0
-    baseline = _status_kib("RssAnon") * 1024
+    baseline = status_kib("RssAnon") * 1024
     phases, t5 = {}, None
 
     def load_t5():
@@ -179,20 +171,13 @@ def _rank_run(runtime, root, size, offload):
     phases["DiT load"] = peak
     if first and offload != "after_encode":
         load_t5()
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(1, *spec["latent"], spec["dit"]["in_visual_dim"], generator=generator).to(torch.bfloat16)
-    text = torch.randn(1, TEXT_TOKENS, spec["dit"]["in_text_dim"], generator=generator).to(torch.bfloat16)
+    inputs = dit_inputs(dict(params=spec["dit"], latent=spec["latent"], text_tokens=TEXT_TOKENS),
+                        dtype=torch.bfloat16, seed=0)
     with PhasePeak() as peak, torch.no_grad():
-        dit(x, text, torch.tensor([749.0]))
+        dit(*inputs)
     phases["DiT forward"] = peak
     runtime.barrier()
     return dict(baseline=baseline, phases={name: dict(rss=p.rss, anon=p.anon) for name, p in phases.items()})
-
-
-def _one_rank(*args):
-    import multiprocessing as mp
-    with mp.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_single, args)
 
 
 def _single(root, size, offload):
@@ -203,7 +188,8 @@ def _single(root, size, offload):
 
 def predicted(size, tp, offload, rank, baseline) -> dict:
     """rank_memory's host-memory prediction per phase for this rank (bytes), the measured baseline added."""
-    from parallel.plan import Plan, rank_memory
+    from parallel.plan import Plan
+    from parallel.planner import rank_memory
 
     spec = SIZES[size]
     m = rank_memory(spec["dit"], Plan(tp=tp), offload, spec["latent"], TEXT_TOKENS, device="cpu",
@@ -230,7 +216,7 @@ def main(argv=None):
         rows = []
         for tp, offload in runs:
             try:
-                per_rank = [_one_rank(str(root), args.size, offload)] if tp == 1 else \
+                per_rank = [in_fresh_process(_single, str(root), args.size, offload)] if tp == 1 else \
                     run_ranks(tp, _rank_run, str(root), args.size, offload, tp=tp, timeout=3600)
             except Exception as err:  # e.g. the kernel's OOM killer: report the run, go on with the next
                 report.note(f"tp={tp} {offload}: failed: {str(err).splitlines()[0]}")
@@ -244,7 +230,7 @@ def main(argv=None):
                                      baseline=result["baseline"] / GIB, rss=measured["rss"] / GIB,
                                      anon=measured["anon"] / GIB, predicted=expected[phase] / GIB,
                                      error=(measured["anon"] - expected[phase]) / expected[phase]))
-    report.table("Peak host memory per rank and phase, GiB, measured vs parallel.plan.rank_memory", [
+    report.table("Peak host memory per rank and phase, GiB, measured vs parallel.planner.rank_memory", [
         ("tp", "tp", None), ("offload", "text_encoder.offload", None), ("rank", "rank", None),
         ("phase", "phase", None), ("baseline", "anonymous before weights", ".2f"), ("rss", "peak RSS", ".2f"),
         ("anon", "peak anonymous", ".2f"), ("predicted", "predicted", ".2f"),

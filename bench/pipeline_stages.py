@@ -13,19 +13,15 @@ published model's (see bench.cost_model): this measures the pipeline's overheads
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-if __package__ in (None, ""):  # `python bench/pipeline_stages.py` from a checkout
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.report import Report, add_output_args  # noqa: E402
-from k4flash.geometry import latent_shape  # noqa: E402
-from k4flash.tiny import TINY_DIT_PARAMS, ensure_tiny_weights  # noqa: E402
+from bench.report import Report, add_output_args
+from k4flash.geometry import latent_shape
+from k4flash.tiny import TINY_DIT_PARAMS, ensure_tiny_weights
 
 STAGES = [("text_encode_s", "T5 encode"), ("denoise_s", "DiT denoise (4 steps)"), ("decode_s", "VAE decode"),
           ("write_s", "MP4 write"), ("end_to_end_s", "end-to-end (generate + write)")]

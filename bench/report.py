@@ -10,7 +10,6 @@ import json
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -39,18 +38,6 @@ def machine_metadata() -> dict:
         "loadavg_start": list(os.getloadavg()),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-
-
-def time_calls(fn, repeats: int, barrier=None) -> list:
-    """Seconds for each of `repeats` calls of fn(); `barrier` (multi-rank) starts every rank's call together."""
-    times = []
-    for _ in range(repeats):
-        if barrier:
-            barrier()
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def add_output_args(parser) -> None:

@@ -14,18 +14,13 @@ that the server lists every one (none lost). The server is stopped with SIGTERM 
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import threading
 import time
 import urllib.request
-from pathlib import Path
 
-if __package__ in (None, ""):  # `python bench/serve.py` from a checkout
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.report import Report, add_output_args  # noqa: E402
-from tests.serve_server import Server  # noqa: E402
+from bench.report import Report, add_output_args
+from bench.server import Server
 
 
 def _percentile(values, q):

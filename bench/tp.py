@@ -10,7 +10,7 @@ one forward, then times `--repeats` forwards after a warm-up.
 
 Counted, deterministic (the same on any machine; timings on shared cores swing by ±30 %):
 FLOPs (torch.utils.flop_counter) and the bytes that non-matmul, non-view ops read and write
-(k4flash.cost.RankWork over one forward), both the maximum over ranks, and their split
+(parallel.counting.RankWork over one forward), both the maximum over ranks, and their split
 (one rank's count / this plan's); collectives and the bytes each rank hands to them
 (parallel.comm.STATS). Timed: the median forward (the slowest rank of each repeat), its
 speed-up over one rank measured in this run, and per-rank CPU seconds per forward.
@@ -18,23 +18,23 @@ CPU: gloo ranks with one intra-op thread each, float32. `--device cuda`: rank r 
 over NCCL, bf16 weights under bf16 autocast. `--compile` compiles the blocks after loading.
 """
 import argparse
-import contextlib
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-if __package__ in (None, ""):  # `python bench/tp.py` from a checkout
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.configs import DIT_CONFIGS, autocast_for, dit_inputs
+from bench.host_memory import peak_growth_mb, reset_peak_rss, status_mb
+from bench.ranks import in_fresh_process
+from bench.report import Report, add_output_args
+from bench.timing import slowest_rank_times, synchronize
+from k4flash.dit import DiffusionTransformer3D
+from k4flash.tiny import fill_deterministic_
+from parallel.spawn import run_ranks
 
-from bench.dit_forward import CONFIGS, config_inputs  # noqa: E402
-from bench.report import Report, add_output_args  # noqa: E402
-from k4flash.dit import DiffusionTransformer3D  # noqa: E402
-from k4flash.tiny import fill_deterministic_  # noqa: E402
-from tests.spawn import run_ranks  # noqa: E402
+CONFIG_NAMES = ("mid", "tiny")  # of bench.configs.DIT_CONFIGS: what CPU ranks run in seconds
 
 # plan name → (ulysses, tp, sequence_parallel) at `degree` ranks; None where the degree does not allow it
 PLANS = {
@@ -46,53 +46,40 @@ PLANS = {
 }
 
 
-def _status_mb(field):
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024  # kB
-    raise KeyError(field)
-
-
 def _start_peak_window(params):
-    """Reset the kernel's peak-RSS mark (VmHWM) so the next peak is the loading's own; returns RSS now.
+    """Reset the kernel's peak-RSS mark (VmHWM) so the next peak is the loading's own; returns RSS now (MB).
 
     A meta-device build first pays the one-time lazy initialisation (~70 MB here), which
     is not loading.
     """
     with torch.device("meta"):
         DiffusionTransformer3D(**params)
-    Path("/proc/self/clear_refs").write_text("5")
-    return _status_mb("VmRSS")
-
-
-def _peak_growth_mb(rss_before):
-    return _status_mb("VmHWM") - rss_before
+    reset_peak_rss()
+    return status_mb("VmRSS")
 
 
 def _measure(config, load, repeats, device, compile_blocks, barrier=None):
     """Load (peak RSS growth), one counted forward, then `repeats` timed forwards (wall and CPU seconds)."""
-    from parallel.plan import measure_rank_work
+    from parallel.rank_work import measure_rank_work
 
     before = _start_peak_window(config["params"])
     model = load()
-    load_rss = _peak_growth_mb(before)
+    load_rss = peak_growth_mb(before)
     if compile_blocks:
         model.compile_blocks()
-    inputs = tuple(v.to(device) for v in config_inputs(config, seed=0))
-    cuda = device.type == "cuda"
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    inputs = dit_inputs(config, device, seed=0)
+    autocast = autocast_for(device, _dtype(device))
 
     def forward():
-        with autocast:
+        with autocast():
             model(*inputs)
-        if cuda:
-            torch.cuda.synchronize(device)
+        synchronize(device)
 
     with torch.no_grad():
         start = time.perf_counter()
         forward()  # warm-up (and the compile)
         first_s = time.perf_counter() - start
-        work = measure_rank_work(model, inputs, bytes_per_element=2 if cuda else 4)
+        work = measure_rank_work(model, inputs, bytes_per_element=_dtype(device).itemsize)
         times, cpu = [], []
         for _ in range(repeats):
             if barrier:
@@ -115,7 +102,7 @@ def _rank_bench(runtime, config_name, checkpoint, repeats, compile_blocks, plans
     from parallel.load import load_dit_sharded
     from parallel.runtime import model_group_meshes
 
-    config, out = CONFIGS[config_name], {}
+    config, out = DIT_CONFIGS[config_name], {}
     for name, (ulysses, tp, sp) in plans.items():
         _, mesh = model_group_meshes(runtime.device.type, runtime.world_size, ulysses, tp)
         load = lambda: load_dit_sharded(config["params"], checkpoint, mesh, device=runtime.device,  # noqa: E731
@@ -130,21 +117,13 @@ def _one_rank_bench(config_name, checkpoint, repeats, device_type, compile_block
 
     torch.set_num_threads(1)
     device = torch.device("cuda", 0) if device_type == "cuda" else torch.device("cpu")
-    config = CONFIGS[config_name]
+    config = DIT_CONFIGS[config_name]
     return _measure(config, lambda: load_dit(config["params"], checkpoint, device=device, dtype=_dtype(device)),
                     repeats, device, compile_blocks)
 
 
-def run_one_rank(*args):
-    """One rank in a fresh process too, so its RSS figure is comparable."""
-    import multiprocessing as mp
-    with mp.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_one_rank_bench, args)
-
-
 def _row(name, degree, per_rank, base=None):
-    # A parallel forward is as slow as its slowest rank: the per-repeat max, then the median.
-    step_times = [max(ts) for ts in zip(*(r["times"] for r in per_rank))]
+    step_times = slowest_rank_times(r["times"] for r in per_rank)
     busiest = dict(flops=max(r["flops"] for r in per_rank), memory_bytes=max(r["memory_bytes"] for r in per_rank))
     row = dict(plan=name, ranks=degree, median_s=statistics.median(step_times), times_s=step_times,
                cpu_s=max(r["cpu_s"] for r in per_rank), first_call_s=max(r["first_s"] for r in per_rank),
@@ -161,7 +140,7 @@ def _row(name, degree, per_rank, base=None):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", choices=sorted(CONFIGS), default="mid")
+    parser.add_argument("--config", choices=CONFIG_NAMES, default="mid")
     parser.add_argument("--degrees", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--plans", nargs="+", choices=sorted(PLANS), default=list(PLANS))
     parser.add_argument("--repeats", type=int, default=5)
@@ -172,7 +151,7 @@ def main(argv=None):
     if args.device == "cuda" and torch.cuda.device_count() < max(args.degrees):
         parser.error(f"--device cuda needs {max(args.degrees)} GPUs, {torch.cuda.device_count()} visible")
 
-    config = CONFIGS[args.config]
+    config = DIT_CONFIGS[args.config]
     report = Report("tp", config=args.config, device=args.device,
                     dtype="bf16 autocast" if args.device == "cuda" else "float32",
                     backend="nccl" if args.device == "cuda" else "gloo, 1 thread per rank",
@@ -183,8 +162,9 @@ def main(argv=None):
         checkpoint = Path(tmp) / "dit.safetensors"
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(checkpoint))
         del model
-        base = _row("one rank", 1, [run_one_rank(args.config, str(checkpoint), args.repeats, args.device,
-                                                 args.compile)])
+        # One rank in a fresh process too, so its RSS figure is comparable.
+        base = _row("one rank", 1, [in_fresh_process(_one_rank_bench, args.config, str(checkpoint), args.repeats,
+                                                     args.device, args.compile)])
         rows = [base]
         for degree in sorted(set(args.degrees) - {1}):
             plans = {name: PLANS[name](degree) for name in args.plans if PLANS[name](degree) is not None}

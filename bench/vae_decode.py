@@ -8,7 +8,7 @@ decode the same latents `--repeats` times after a warm-up, through decode_latent
 decode_latents_parallel (uint8 frames gathered on rank 0). Printed per rank count: median decode
 time (slowest rank per repeat) and speed-up over 1 rank measured in this run, collectives and MB
 each rank sent per decode, each rank's peak RSS growth during a decode (max over ranks) next to the
-memory model's count of a band's decode (cost.vae_decode_peak_bytes on the meta device), and how
+memory model's count of a band's decode (parallel.counting.vae_decode_peak_bytes on the meta device), and how
 many uint8 values differ from the 1-rank frames.
 
 CPU caveat: with one thread, PyTorch runs a batch-1 conv3d through oneDNN only when
@@ -19,37 +19,32 @@ up to 4 ranks. GPUs (cuDNN) have no such switch.
 """
 import argparse
 import statistics
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from bench.configs import VAE_CONFIGS
+from bench.host_memory import peak_growth_mb, reset_peak_rss, status_mb
+from bench.ranks import in_fresh_process
+from bench.report import Report, add_output_args
+from bench.timing import slowest_rank_times, time_calls
+from k4flash.tiny import fill_deterministic_
+from parallel.counting import vae_decode_peak_bytes
+from parallel.spawn import run_ranks
 
-from bench.report import Report, add_output_args, time_calls  # noqa: E402
-from bench.tp import _peak_growth_mb, _status_mb  # noqa: E402
-from k4flash import cost  # noqa: E402
-from k4flash.tiny import TINY_VAE_CONFIG, fill_deterministic_  # noqa: E402
-from tests.spawn import run_ranks  # noqa: E402
-
-CONFIGS = {
-    # 3 spatial up levels (2 temporal), 3 resnets per up block, 8 groups; 9 frames of 512 x 192.
-    "mid": dict(vae=dict(TINY_VAE_CONFIG, block_out_channels=(16, 32, 32, 64), layers_per_block=2, norm_num_groups=8),
-                latent=(3, 64, 24)),
-    "tiny": dict(vae=TINY_VAE_CONFIG, latent=(3, 64, 24)),
-}
+CONFIG_NAMES = ("mid", "tiny")  # of bench.configs.VAE_CONFIGS
+LATENT = (3, 64, 24)  # (frames, height, width) → 9 frames of 512 x 192
 
 
 def _build(config_name):
     from diffusers import AutoencoderKLCogVideoX
 
     with torch.random.fork_rng(devices=[]):
-        vae = AutoencoderKLCogVideoX(**CONFIGS[config_name]["vae"])
+        vae = AutoencoderKLCogVideoX(**VAE_CONFIGS[config_name])
     fill_deterministic_(vae, seed=1)
     with torch.no_grad():
         for parameter in vae.decoder.conv_out.parameters():  # outputs mostly in [-1, 1], as in k4flash.tiny
             parameter.mul_(0.3)
-    frames, height, width = CONFIGS[config_name]["latent"]
+    frames, height, width = LATENT
     latents = torch.randn(frames, height, width, 16, generator=torch.Generator().manual_seed(0))
     return vae.eval().requires_grad_(False), latents
 
@@ -59,10 +54,10 @@ def _measure(decode, repeats, barrier=None):
 
     frames = decode()  # warm-up
     comm.STATS.reset()
-    Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS mark: the next peak is a decode's own
-    before = _status_mb("VmRSS")
+    reset_peak_rss()  # the next peak is a decode's own
+    before = status_mb("VmRSS")
     decode()
-    peak_mb = _peak_growth_mb(before)
+    peak_mb = peak_growth_mb(before)
     calls, sent = dict(comm.STATS.calls), comm.STATS.bytes
     times = time_calls(decode, repeats, barrier)
     return dict(times=times, calls=calls, bytes=sent, peak_rss_mb=peak_mb, frames=frames)
@@ -84,20 +79,13 @@ def _one_rank_bench(config_name, repeats):
     return _measure(lambda: decode_latents(vae, latents), repeats)
 
 
-def run_one_rank(config_name, repeats):
-    """1 rank in a fresh process too, so its RSS figure is comparable."""
-    import multiprocessing as mp
-    with mp.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_one_rank_bench, (config_name, repeats))
-
-
 def _calls(calls: dict) -> str:
     return ", ".join(f"{n} {k}" for k, n in sorted(calls.items())) or "0"
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", choices=sorted(CONFIGS), default="mid")
+    parser.add_argument("--config", choices=CONFIG_NAMES, default="mid")
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--repeats", type=int, default=3)
     add_output_args(parser)
@@ -105,12 +93,13 @@ def main(argv=None):
 
     rows, reference = [], None
     for ranks in args.ranks:
-        per_rank = [run_one_rank(args.config, args.repeats)] if ranks == 1 else run_ranks(
+        # 1 rank in a fresh process too, so its RSS figure is comparable.
+        per_rank = [in_fresh_process(_one_rank_bench, args.config, args.repeats)] if ranks == 1 else run_ranks(
             ranks, _rank_bench, args.config, args.repeats, timeout=1800)
         frames = per_rank[0].pop("frames")
         reference = frames if reference is None and ranks == 1 else reference
-        # The decode ends when the slowest rank's rows reach rank 0: per repeat the max over ranks.
-        step_times = [max(ts) for ts in zip(*(r["times"] for r in per_rank))]
+        # The decode ends when the slowest rank's rows reach rank 0.
+        step_times = slowest_rank_times(r["times"] for r in per_rank)
         rows.append(dict(ranks=ranks, median_s=statistics.median(step_times), min_s=min(step_times),
                          calls=per_rank[0]["calls"], mb_sent_per_rank=max(r["bytes"] for r in per_rank) / 2**20,
                          peak_rss_mb_per_rank=max(r["peak_rss_mb"] for r in per_rank),
@@ -120,10 +109,10 @@ def main(argv=None):
     vae, latents = _build(args.config)
     for r in rows:
         r["speedup"] = base / r["median_s"] if base else None
-        # The memory model's figure for one band (k4flash/cost.py vae_decode_peak_bytes, on the meta device)
-        r["predicted_peak_mb"] = cost.vae_decode_peak_bytes(tuple(latents.shape[:3]), r["ranks"],
-                                                            vae=vae.to("meta"), dtype=torch.float32) / 2**20
-    frames, height, width = CONFIGS[args.config]["latent"]
+        # The memory model's figure for one band (parallel/counting.py vae_decode_peak_bytes, on the meta device)
+        r["predicted_peak_mb"] = vae_decode_peak_bytes(tuple(latents.shape[:3]), r["ranks"],
+                                                       vae=vae.to("meta"), dtype=torch.float32) / 2**20
+    frames, height, width = LATENT
     report = Report("vae_decode", config=args.config, latents=f"{frames}x{height}x{width}",
                     frames=rows[0]["frames_shape"], dtype="float32", threads_per_rank=1, repeats=args.repeats)
     report.table("Row-parallel VAE decode per number of ranks", [

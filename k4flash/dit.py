@@ -116,14 +116,15 @@ class MultiheadSelfAttention(nn.Module):
         self.key_norm = nn.LayerNorm(head_dim)
         self.output_layer = nn.Linear(model_dim, model_dim)
 
-    def forward(self, x, num_visual, rope_cos, rope_sin):  # x: (B, S, D), visual tokens first
+    def forward(self, x, num_visual, rope_cos, rope_sin, attention):  # x: (B, S, D), visual tokens first
         qkv = self.to_query_key_value(x).unflatten(-1, (3, -1, self.head_dim))  # (B, S, 3, heads, head_dim)
-        out = attend(qkv, self.query_norm, self.key_norm, num_visual, rope_cos, rope_sin)  # (B, S, heads * head_dim)
-        return self.output_layer(out)
+        out = attend(qkv, self.query_norm, self.key_norm, num_visual, rope_cos, rope_sin, attention)
+        return self.output_layer(out)  # out: (B, S, heads * head_dim)
 
 
-def attend(qkv, query_norm, key_norm, num_visual, rope_cos, rope_sin):
-    """Per-head q/k norms, RoPE on the visual tokens, joint attention: (B, S, 3, heads, head_dim) → (B, S, heads·head_dim).
+def attend(qkv, query_norm, key_norm, num_visual, rope_cos, rope_sin, attention):
+    """Per-head q/k norms, RoPE on the visual tokens, then `attention` (q, k, v → out, each (B, heads, S, head_dim);
+    the DiT passes its own): (B, S, 3, heads, head_dim) → (B, S, heads·head_dim).
 
     Any subset of heads works (a tensor- or sequence-parallel plan passes its own); the sequence must be
     whole, visual tokens first (num_visual of them, matching rope_cos/sin's rows).
@@ -138,7 +139,7 @@ def attend(qkv, query_norm, key_norm, num_visual, rope_cos, rope_sin):
     # RoPE on the visual tokens only (docs/model.md "DiT forward" step 4); text keeps its q, k.
     query = torch.cat([apply_rope(query[:, :, :num_visual], rope_cos, rope_sin), query[:, :, num_visual:]], dim=2)
     key = torch.cat([apply_rope(key[:, :, :num_visual], rope_cos, rope_sin), key[:, :, num_visual:]], dim=2)
-    return joint_attention(query, key, value).transpose(1, 2).flatten(2)  # (B, S, heads * head_dim)
+    return attention(query, key, value).transpose(1, 2).flatten(2)  # (B, S, heads * head_dim)
 
 
 class FeedForward(nn.Module):
@@ -172,12 +173,13 @@ class TransformerBlock(nn.Module):
         self.feed_forward_norm = nn.LayerNorm(model_dim)
         self.feed_forward = FeedForward(model_dim, ff_dim)
 
-    def forward(self, x, num_visual, time_embed, rope_cos, rope_sin):  # x: (B, N + L, D)
+    def forward(self, x, num_visual, time_embed, rope_cos, rope_sin, attention):  # x: (B, N + L, D)
         v_shift, v_scale, v_gate, v_ff_shift, v_ff_scale, v_ff_gate = self.visual_modulation(time_embed)
         t_shift, t_scale, t_gate, t_ff_shift, t_ff_scale, t_ff_gate = self.text_modulation(time_embed)
 
         h = _modulate(self.self_attention_norm(x), num_visual, v_shift, v_scale, t_shift, t_scale)
-        x = _gated_residual(x, self.self_attention(h, num_visual, rope_cos, rope_sin), num_visual, v_gate, t_gate)
+        update = self.self_attention(h, num_visual, rope_cos, rope_sin, attention)
+        x = _gated_residual(x, update, num_visual, v_gate, t_gate)
 
         h = _modulate(self.feed_forward_norm(x), num_visual, v_ff_shift, v_ff_scale, t_ff_shift, t_ff_scale)
         return _gated_residual(x, self.feed_forward(h), num_visual, v_ff_gate, t_ff_gate)
@@ -207,8 +209,26 @@ class OutLayer(nn.Module):
                          f=f, h=h, w=w, pf=pf, ph=ph, pw=pw)  # (B, F, H, W, C)
 
 
+class WholeSequence:
+    """Which tokens this process's blocks see: all of them (the DiT's default `sequence`).
+
+    A sequence-sharding plan gives the model its own object with the same method in its place
+    (parallel/sequence.py `SequenceShards`): then each process's blocks see one shard of the tokens.
+    """
+
+    def shard(self, tokens, num_visual):  # tokens: (B, N + L, D), visual first
+        """(the tokens the blocks run on, how many of them are visual)."""
+        return tokens, num_visual
+
+
 class DiffusionTransformer3D(nn.Module):
-    """The DiT. The published model is `DiffusionTransformer3D(**PUBLISHED_DIT_PARAMS)` (k4flash/published.py)."""
+    """The DiT. The published model is `DiffusionTransformer3D(**PUBLISHED_DIT_PARAMS)` (k4flash/published.py).
+
+    Two plain attributes are its seams, read at every forward: `attention`, the joint-attention function
+    every block calls (q, k, v → out, each (B, heads, S, head_dim); k4flash/dit_math.py), and `sequence`,
+    which tokens the blocks run on (`WholeSequence`). A cost counter swaps the first, a sequence-parallel
+    plan the second; a tensor-parallel plan swaps layers (parallel/).
+    """
 
     def __init__(self, *, in_visual_dim, in_text_dim, out_visual_dim, time_dim, patch_size, model_dim, ff_dim,
                  num_blocks, axes_dims):
@@ -228,6 +248,8 @@ class DiffusionTransformer3D(nn.Module):
         ])
         self.out_layer = OutLayer(model_dim, time_dim, out_visual_dim, patch_size)
         self.sdpa_backends = DEFAULT_SDPA_BACKENDS  # the attention kernels allowed (k4flash/dit_math.py)
+        self.attention = joint_attention
+        self.sequence = WholeSequence()
 
     def compile_blocks(self, **compile_kwargs):
         """torch.compile every transformer block in place (nn.Module.compile); returns self.
@@ -263,10 +285,13 @@ class DiffusionTransformer3D(nn.Module):
         tokens = torch.cat([visual, self.text_embeddings(text_embed)], dim=1)  # (B, N + L, D)
         num_visual = visual.shape[1]
         rope_cos, rope_sin = self.rope_embeddings(grid, x.device)
+        # The blocks' share of the tokens (all of them unless a plan shards the sequence), and how many of those
+        # are visual: the blocks' modulation and gated residuals treat the two streams apart.
+        block_tokens, block_visual = self.sequence.shard(tokens, num_visual)
         # j = 0 ("local") and j = 1 ("global") blocks attend over the whole video at
         # num_groups = (1, 1, 1), the only published configuration.
         with attention_backends(self.sdpa_backends):  # out here: the blocks may be compiled, this stays eager
             for pair in self.transformer_blocks:
                 for block in pair:
-                    tokens = block(tokens, num_visual, time_embed, rope_cos, rope_sin)
-        return self.out_layer(tokens, num_visual, time_embed, grid)
+                    block_tokens = block(block_tokens, block_visual, time_embed, rope_cos, rope_sin, self.attention)
+        return self.out_layer(block_tokens, num_visual, time_embed, grid)

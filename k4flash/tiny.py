@@ -298,7 +298,7 @@ def _build_tiny_weights(folder: Path) -> None:
                 parameter.mul_(0.35)
         vae.save_pretrained(folder / "vae")
         # is_main_process alone is not enough: under an initialised process group transformers
-        # writes on rank 0 only, so build the cache before joining one (k4flash/app/cli.py does).
+        # writes on rank 0 only, so build the cache before joining one (launch/cli.py does).
         fill_deterministic_(text_encoder, _T5_SEED).save_pretrained(folder / "text_encoder")
 
     (folder / "scheduler").mkdir()

@@ -23,8 +23,8 @@ fi
 source "$root/launch/nproc.sh"
 set_nproc_per_node launch/torchrun.sh --ask-driver
 
-# torchrun through k4flash.app.launch: the same launcher, but it exits with the ranks' documented status
+# torchrun through launch.torchrun: the same launcher, but it exits with the ranks' documented status
 # (0/1/2/3/130/143, README "When things go wrong") and leaves torchrun's failure report off the screen.
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
-exec "${PYTHON:-python3}" -m k4flash.app.launch --standalone --nnodes 1 --nproc-per-node "$NPROC_PER_NODE" \
+exec "${PYTHON:-python3}" -m launch.torchrun --standalone --nnodes 1 --nproc-per-node "$NPROC_PER_NODE" \
   "$entry" "$@"

@@ -3,8 +3,10 @@
 
 Every collective of a TP forward or a parallel decode goes through here, so tests and benchmarks can read
 how many ran and how many bytes each rank sent (`CommStats`), and the plan's
-communication budget is a measured number, not a claim.
+communication budget is a measured number, not a claim. What runs them is a backend object
+(`TorchCollectives`); `use_backend` gives the same calls to a counter or a stand-in instead.
 """
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -26,9 +28,74 @@ class CommStats:
 
 STATS = CommStats()
 
-# torch 2.13 renames the flat-tensor collectives (the old names warn); torch >= 2.5 has the old ones.
-_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+class TorchCollectives:
+    """The collectives as torch.distributed runs them (NCCL on GPUs, gloo on CPUs): comm's default backend."""
+
+    # torch 2.13 renames the flat-tensor collectives (the old names warn); torch >= 2.5 has the old ones.
+    _all_gather_flat = staticmethod(getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)
+    _reduce_scatter_flat = staticmethod(getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)
+
+    def size(self, group) -> int:
+        return dist.get_world_size(group)
+
+    def rank(self) -> int:
+        return dist.get_rank()
+
+    def global_rank(self, group, index: int) -> int:
+        return dist.get_global_rank(group, index)
+
+    def __init__(self):
+        self._ranks = {}  # process group name → its global ranks
+
+    def group_key(self, group):
+        """(name, global ranks) of a process group, as the heartbeat thread publishes its progress on it."""
+        group = group if group is not None else dist.group.WORLD
+        name = dist.distributed_c10d._get_process_group_name(group)
+        if name not in self._ranks:
+            self._ranks[name] = dist.get_process_group_ranks(group)
+        return name, self._ranks[name]
+
+    def all_reduce(self, tensor, group):
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+
+    def all_gather(self, parts, tensor, group):
+        dist.all_gather(parts, tensor, group=group)
+
+    def all_gather_into(self, out, tensor, group):
+        self._all_gather_flat(out, tensor, group=group)
+
+    def reduce_scatter_into(self, out, tensor, group):
+        self._reduce_scatter_flat(out, tensor, op=dist.ReduceOp.SUM, group=group)
+
+    def all_to_all(self, out, tensor, group):
+        dist.all_to_all_single(out, tensor, group=group)
+
+    def broadcast(self, tensor, src, group):
+        dist.broadcast(tensor, src=src, group=group)
+
+    def gather(self, tensor, parts, dst, group):
+        dist.gather(tensor, gather_list=parts, dst=dst, group=group)
+
+
+_backend = TorchCollectives()
+
+
+def backend():
+    """The collectives backend in use (TorchCollectives unless `use_backend` put another in place)."""
+    return _backend
+
+
+@contextlib.contextmanager
+def use_backend(collectives):
+    """Run the collectives below through `collectives` (same methods as TorchCollectives): a counter's wrapper,
+    or a shape-only stand-in that needs no process group (parallel/rank_work.py)."""
+    global _backend
+    saved, _backend = _backend, collectives
+    try:
+        yield collectives
+    finally:
+        _backend = saved
 
 
 class Progress:
@@ -43,10 +110,8 @@ class Progress:
     def __init__(self):
         self.entered = {}  # process group name → (its global ranks, collectives entered)
 
-    def enter(self, group) -> None:
-        group = group if group is not None else dist.group.WORLD
-        name = dist.distributed_c10d._get_process_group_name(group)
-        ranks, count = self.entered.get(name) or (dist.get_process_group_ranks(group), 0)
+    def enter(self, name: str, ranks: list) -> None:
+        _, count = self.entered.get(name) or (ranks, 0)
         self.entered[name] = (ranks, count + 1)
 
 
@@ -56,7 +121,9 @@ PROGRESS = Progress()
 def _record(op, tensor, group):
     STATS.calls[op] = STATS.calls.get(op, 0) + 1
     STATS.bytes += tensor.numel() * tensor.element_size()
-    PROGRESS.enter(group)
+    key = _backend.group_key(group)
+    if key is not None:  # None: a stand-in group, which no heartbeat watches
+        PROGRESS.enter(*key)
 
 
 # torch.compiler.disable: under a compiled DiT the collectives (and their counting)
@@ -65,7 +132,7 @@ def _record(op, tensor, group):
 def all_reduce_sum(tensor, group) -> torch.Tensor:
     """In-place sum over the group (the row-parallel reduction)."""
     _record("all_reduce", tensor, group)
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    _backend.all_reduce(tensor, group)
     return tensor
 
 
@@ -77,28 +144,28 @@ def all_gather_last_dim(tensor, group) -> torch.Tensor:
 
 def broadcast_from(tensor, src, group=None) -> torch.Tensor:
     _record("broadcast", tensor, group)
-    dist.broadcast(tensor, src=src, group=group)
+    _backend.broadcast(tensor, src, group)
     return tensor
 
 
 def all_gather_list(tensor, group) -> list:
     """The same-shaped tensor of every rank of the group, in rank order (the VAE's halo rows)."""
     _record("all_gather", tensor, group)
-    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, tensor.contiguous(), group=group)
+    parts = [torch.empty_like(tensor) for _ in range(_backend.size(group))]
+    _backend.all_gather(parts, tensor.contiguous(), group)
     return parts
 
 
 def gather_to_first(tensor, group):
     """Every rank's same-shaped tensor, in rank order, on the group's first rank; None on the others."""
     _record("gather", tensor, group)
-    first = dist.get_global_rank(group, 0)
+    first = _backend.global_rank(group, 0)
     tensor = tensor.contiguous()
-    if dist.get_rank() == first:
-        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
-        dist.gather(tensor, gather_list=parts, dst=first, group=group)
+    if _backend.rank() == first:
+        parts = [torch.empty_like(tensor) for _ in range(_backend.size(group))]
+        _backend.gather(tensor, parts, first, group)
         return parts
-    dist.gather(tensor, dst=first, group=group)
+    _backend.gather(tensor, None, first, group)
     return None
 
 
@@ -106,9 +173,9 @@ def gather_to_first(tensor, group):
 def all_gather_tokens(tensor, group) -> torch.Tensor:
     """(B, s, D) on each of k ranks → (B, k·s, D), rank order along the tokens (sequence parallelism)."""
     _record("all_gather", tensor, group)
-    k = dist.get_world_size(group)
+    k = _backend.size(group)
     out = torch.empty((k * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
-    _all_gather_flat(out, tensor.contiguous(), group=group)  # (k·B, s, D), rank-major
+    _backend.all_gather_into(out, tensor.contiguous(), group)  # (k·B, s, D), rank-major
     return out.unflatten(0, (k, -1)).transpose(0, 1).flatten(1, 2)  # (B, k·s, D)
 
 
@@ -116,10 +183,10 @@ def all_gather_tokens(tensor, group) -> torch.Tensor:
 def reduce_scatter_tokens(tensor, group) -> torch.Tensor:
     """(B, k·s, D) partial sums on each of k ranks → this rank's (B, s, D) slice of their sum."""
     _record("reduce_scatter", tensor, group)
-    k = dist.get_world_size(group)
+    k = _backend.size(group)
     chunks = tensor.unflatten(1, (k, -1)).transpose(0, 1).contiguous()  # (k, B, s, D): rank j's slice at [j]
     out = torch.empty(chunks.shape[1:], dtype=tensor.dtype, device=tensor.device)
-    _reduce_scatter_flat(out, chunks.flatten(0, 1), op=dist.ReduceOp.SUM, group=group)  # (k·B, s, D) in
+    _backend.reduce_scatter_into(out, chunks.flatten(0, 1), group)  # (k·B, s, D) in
     return out
 
 
@@ -129,5 +196,5 @@ def all_to_all(tensor, group) -> torch.Tensor:
     _record("all_to_all", tensor, group)
     tensor = tensor.contiguous()
     out = torch.empty_like(tensor)
-    dist.all_to_all_single(out, tensor, group=group)
+    _backend.all_to_all(out, tensor, group)
     return out

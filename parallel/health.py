@@ -21,9 +21,8 @@ line, and each exits with status 3 (os._exit: the main thread may never come bac
 the main thread sees first (gloo raises at once on a dead peer) takes the ordinary path instead:
 `claim()` decides which of the two reports, so exactly one does.
 
-The store is the one the launcher set up at MASTER_ADDR:MASTER_PORT (torchrun's agent store,
-which outlives its workers). Each thread has its own client, and every store call is guarded:
-diagnostics must never turn a failure into a hang.
+The store is the launcher's (parallel/store.py, namespace `health`). Each thread has its own
+client, and every store call is guarded: diagnostics must never turn a failure into a hang.
 """
 import contextlib
 import json
@@ -34,21 +33,19 @@ import signal
 import sys
 import threading
 import time
-from datetime import timedelta
 
 import torch.distributed as dist
 
 from . import comm
+from .status import SIGNAL_STATUS, ExitStatus
+from .store import STORE_TIMEOUT_S, RunStore
 
 log = logging.getLogger("k4flash")
 HEARTBEAT_INTERVAL_S = 1.0
-STORE_TIMEOUT_S = 5.0
 STOP_TIMEOUT_S = 0.5  # the most RankHealth.stop() waits for the heartbeat thread: far less than a store timeout
 DEAD_AFTER_S = 6.0  # no heartbeat for this long: the rank died or is frozen (SIGSTOP, a machine gone)
 QUIET_AFTER_S = 2.5  # no heartbeat for this long: not healthy (yet not a verdict)
 GRACE_S = 3.0  # after SIGTERM / SIGINT, how long the main thread has to unwind before the thread exits for it
-EXIT_DISTRIBUTED = 3
-SIGNAL_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
 def is_collective_failure(err: BaseException) -> bool:
@@ -68,25 +65,17 @@ def _first_line(err: BaseException) -> str:
     return line if len(line) <= 300 else line[:297] + "..."
 
 
-def connect_store(timeout_s: float = STORE_TIMEOUT_S):
-    """A client of the launcher's key-value store (MASTER_ADDR:MASTER_PORT)."""
-    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                         timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
-
-
-def store_prefix() -> str:
-    """One key namespace per launch attempt: torchrun restarts and SLURM requeues start clean."""
-    run = os.environ.get("TORCHELASTIC_RUN_ID", os.environ.get("SLURM_JOB_ID", "run"))
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", os.environ.get("SLURM_RESTART_COUNT", "0"))
-    return f"k4flash/{run}/{attempt}/"
-
-
 class _Peer:
     """What the thread last saw of one rank, and since when."""
 
     def __init__(self):
         self.beats, self.beat_seen = None, time.monotonic()
-        self.counts, self.counts_seen = {}, time.monotonic()
+        self.counts = {}
+        # Since when another member of a shared group is seen to have entered more collectives than this rank,
+        # with no progress of its own meanwhile (None: it is not behind). A hang is timed from here, not from
+        # the start: a rank that is still loading while its peers already wait is not hung until they have
+        # waited parallel.timeout_s.
+        self.behind_since = None
 
 
 class RankHealth:
@@ -97,7 +86,6 @@ class RankHealth:
         self.grace_s = grace_s
         self.failed = threading.Event()  # set once this thread has a verdict and is ending the process
         self.quiet = False  # a watched rank has missed a few heartbeats
-        self.prefix = store_prefix()
         # The ranks this one watches: rank 0 all of them, the others their process groups' members (set by
         # the caller once the mesh exists) and rank 0.
         self.watch = sorted(set(watch if watch is not None else range(world_size)) - {rank})
@@ -114,7 +102,7 @@ class RankHealth:
     def start(cls, rank: int, world_size: int, interval_s: float = HEARTBEAT_INTERVAL_S, **options):
         health = cls(rank, world_size, interval_s, **options)
         try:
-            health._store = connect_store()
+            health._store = RunStore.launcher("health")
         except Exception as err:  # no reachable store: run without diagnostics rather than fail
             log.warning("rank %d: no heartbeat store (%s); failures will not name the rank", rank, _first_line(err))
             return health
@@ -127,30 +115,25 @@ class RankHealth:
         health._thread.start()
         return health
 
-    def _key(self, kind: str, rank=None) -> str:
-        return f"{self.prefix}{kind}" if rank is None else f"{self.prefix}{kind}/{rank}"
-
     # -- the main thread's side -------------------------------------------------------------------------
 
     def _set(self, kind: str, value: str) -> None:
         if self._store is None:
             return
         try:
-            self._store.set(self._key(kind, self.rank), value)
+            self._store.set(f"{kind}/{self.rank}", value)
         except Exception:
             pass
 
     def _get(self, kind: str, rank: int, store=None):
-        store = store or self._store
         try:
-            key = self._key(kind, rank)
-            return store.get(key).decode() if store.check([key]) else None
+            return (store or self._store).get(f"{kind}/{rank}")
         except Exception:
             return None
 
     def _beats(self, rank: int, store=None):
         try:
-            return (store or self._store).add(self._key("beat", rank), 0)
+            return (store or self._store).add(f"beat/{rank}", 0)
         except Exception:
             return None
 
@@ -199,11 +182,11 @@ class RankHealth:
         waits for the others without a timeout (data-parallel groups may finish hours apart), and its
         heartbeat thread keeps watching while it waits."""
         store = self._store
-        store.add(self._key("total"), int(value))
-        store.add(self._key("total-count"), 1)
-        while store.add(self._key("total-count"), 0) < self.world_size:
+        store.add("total", int(value))
+        store.add("total-count", 1)
+        while store.add("total-count", 0) < self.world_size:
             time.sleep(0.05)
-        return int(store.add(self._key("total"), 0))
+        return store.add("total", 0)
 
     def explain(self, err: BaseException) -> str:
         """Rank 0's one-line account of a failure the main thread saw, naming the rank(s) at fault."""
@@ -212,9 +195,7 @@ class RankHealth:
             return own
         others = [r for r in range(self.world_size) if r != self.rank]
         before = {r: self._beats(r) for r in others}
-        # Wait long enough for 2-3 heartbeats, and for the other ranks to report their own errors.
-        time.sleep(2.5 * self.interval_s)
-        after = {r: self._beats(r) for r in others}
+        silent_s = self._await_records(others, before)
         causes, stopped_ranks = [], []
         for r in others:
             stage = self._get("stage", r)
@@ -224,10 +205,10 @@ class RankHealth:
                 causes.append(f"rank {r} failed{where}: {error}")
             elif stopped is not None:
                 stopped_ranks.append(f"rank {r} was stopped{where} ({stopped})")
-            elif self._get("collective", r) is not None or self._get("done", r) is not None:
-                continue  # it saw the same broken collective (and may have exited since): a symptom
-            elif after[r] is None or after[r] == before[r]:
-                causes.append(f"rank {r} died or froze{where} (no heartbeat for {2.5 * self.interval_s:.1f} s)")
+            elif self._is_symptom(r):
+                continue  # it saw the same broken collective or acted on a verdict (and may have exited): a symptom
+            elif self._beats(r) in (None, before[r]):
+                causes.append(f"rank {r} died or froze{where} (no heartbeat for {silent_s:.1f} s)")
             else:
                 causes.append(f"rank {r} is hung{where} (alive, but it never joined the collective)")
         # A launcher stopping the survivors of a death is not a cause: name stops only when alone.
@@ -236,19 +217,37 @@ class RankHealth:
             return f"{own}; no other rank reported a cause"
         return "; ".join(causes) + f" ({own})"
 
+    def _is_symptom(self, rank: int, store=None) -> bool:
+        """The rank recorded that it saw a broken collective, finished, or left on a published verdict."""
+        return any(self._get(kind, rank, store) is not None for kind in ("collective", "done", "exited"))
+
+    def _await_records(self, others, before: dict) -> float:
+        """Wait for the other ranks' own records (an error, a stop, a symptom) or a new heartbeat: at least
+        2.5 beats, so that their reports can arrive; at most DEAD_AFTER_S, so that only a rank silent as long as
+        the heartbeat thread's own verdict needs is called dead (a late beat on a loaded machine is no death).
+        Returns how long the wait was."""
+        started = time.monotonic()
+        while True:
+            waited = time.monotonic() - started
+            unsettled = [r for r in others if self._beats(r) in (None, before[r]) and not self._is_symptom(r)
+                         and self._get("error", r) is None and self._get("stopped", r) is None]
+            if waited >= DEAD_AFTER_S or (waited >= 2.5 * self.interval_s and not unsettled):
+                return waited
+            time.sleep(0.25 * self.interval_s)
+
     # -- the heartbeat thread -------------------------------------------------------------------------------
 
     def _run(self):
         try:
-            store = connect_store()
+            store = RunStore.launcher("health")
         except Exception:  # the store went away (its host died): nothing left to report to
             return
         peers = {r: _Peer() for r in self.watch}
         signal_seen = None
         while not self._stop.is_set():
             with contextlib.suppress(Exception):
-                store.add(self._key("beat", self.rank), 1)
-                store.set(self._key("entered", self.rank), json.dumps(_progress()))
+                store.add(f"beat/{self.rank}", 1)
+                store.set(f"entered/{self.rank}", json.dumps(_progress()))
             signum = self._wait_for_signal()
             if signum is not None and signal_seen is None:
                 signal_seen = (signum, time.monotonic())
@@ -263,7 +262,7 @@ class RankHealth:
                     if verdict is not None:
                         verdict = self._publish(store, verdict)
                 if verdict is not None:
-                    self._exit(verdict, EXIT_DISTRIBUTED)
+                    self._exit(verdict, ExitStatus.DISTRIBUTED, store)
             except Exception as err:  # a diagnostic must never stop watching (nor raise into the process)
                 log.debug("rank %d heartbeat: %s", self.rank, _first_line(err))
 
@@ -283,20 +282,16 @@ class RankHealth:
 
     def _published_verdict(self, store):
         with contextlib.suppress(Exception):
-            if store.check([self._key("verdict")]):
-                return store.get(self._key("verdict")).decode()
+            return store.get("verdict")
         return None
 
     def _publish(self, store, verdict: str) -> str:
         """The first verdict published wins (one rank's view, not two conflicting ones)."""
         with contextlib.suppress(Exception):
-            if store.add(self._key("verdict-claim"), 1) == 1:
-                store.set(self._key("verdict"), verdict)
+            if store.add("verdict-claim", 1) == 1:
+                store.set("verdict", verdict)
                 return verdict
-            deadline = time.monotonic() + STORE_TIMEOUT_S
-            while time.monotonic() < deadline and not store.check([self._key("verdict")]):
-                time.sleep(0.05)
-            return store.get(self._key("verdict")).decode()
+            return store.wait("verdict", 0.05, STORE_TIMEOUT_S)
         return verdict
 
     def _judge(self, store, peers, dead_after_s: float = DEAD_AFTER_S):
@@ -327,10 +322,14 @@ class RankHealth:
                 counts[r] = json.loads(entered)
                 peer_counts = {name: count for name, (_, count) in counts[r].items()}
                 if peer_counts != peer.counts:
-                    peer.counts, peer.counts_seen = peer_counts, now
+                    peer.counts, peer.behind_since = peer_counts, None  # it moved: any wait starts again
         counts[self.rank] = _progress()
         for r, peer in peers.items():
-            if r in counts and now - peer.counts_seen > self.timeout_s and self._behind(r, counts):
+            if r not in counts or not self._behind(r, counts):
+                peer.behind_since = None
+                continue
+            peer.behind_since = peer.behind_since or now
+            if now - peer.behind_since > self.timeout_s:
                 return f"rank {r} is hung{where(r)} (alive, but it never joined the collective)"
         return None
 
@@ -357,8 +356,9 @@ class RankHealth:
         since_signal = time.monotonic() - signalled_at
         verdict = self._published_verdict(store) or self._judge(store, peers, dead_after_s=since_signal)
         if verdict is not None:
-            self._exit(verdict, EXIT_DISTRIBUTED)
-        self._set("stopped", f"received {signal.Signals(signum).name}")
+            self._exit(verdict, ExitStatus.DISTRIBUTED, store)
+        with contextlib.suppress(Exception):
+            store.set(f"stopped/{self.rank}", f"received {signal.Signals(signum).name}")
         self._exit(f"terminated (received {signal.Signals(signum).name}); finished outputs are kept, "
                    f"re-run to resume", SIGNAL_STATUS[signum], prefix="")
 
@@ -367,10 +367,15 @@ class RankHealth:
         (a server's /health)."""
         return not (self.failed.is_set() or self.quiet)
 
-    def _exit(self, message: str, status: int, prefix: str = "distributed run failed: "):
+    def _exit(self, message: str, status: int, store=None, prefix: str = "distributed run failed: "):
+        """End the process on a verdict (or a signal): `store` given, this rank records that it left on the verdict,
+        so that rank 0 does not take its silence for a death of its own."""
         self.failed.set()
         if not self.claim():
             return  # the main thread is reporting this failure itself
+        if store is not None:
+            with contextlib.suppress(Exception):
+                store.set(f"exited/{self.rank}", message)
         if self.rank == 0:
             print(f"error: {prefix}{message}", file=sys.stderr, flush=True)
         if self.on_exit is not None:

@@ -1,7 +1,8 @@
 """Sharded DiT loading: each rank materialises only its shard (docs/parallel.md "Sharded loading").
 
 build on meta → check the file's keys and shapes against the full model → apply the
-plan on meta (TP shards; Ulysses and sequence parallelism only add hooks) → read each parameter's slice (safetensors `get_slice`, or a
+plan on meta (TP shards; Ulysses and sequence parallelism only swap the attention, the output layer and the
+DiT's sequence seam) → read each parameter's slice (safetensors `get_slice`, or a
 memory-mapped .pt) → move → eval. `python -m parallel.convert` turns the published .pt
 into the .safetensors file this prefers.
 """
@@ -10,20 +11,21 @@ import torch
 from k4flash.dit import DiffusionTransformer3D
 from k4flash.weights import check_checkpoint, open_checkpoint, owned_copy
 
-from .tp import parallelize_dit, plan_coords, shard_plan_for, take_shard, validate_plan_degrees
+from .plan import validate_plan_degrees
+from .tp import dit_mesh_coords, parallelize_dit, sharded_parameters, take_shard
 
 
 def load_dit_sharded(params: dict, checkpoint_path, mesh, device="cpu", dtype=torch.float32, *,
                      sequence_parallel: bool = False):
     """A DiT holding this rank's shard, loaded from the published checkpoint; mesh: as parallelize_dit's."""
-    (_, rank, world), (_, _, ulysses) = plan_coords(mesh)
+    (_, rank, world), (_, _, ulysses) = dit_mesh_coords(mesh)
     validate_plan_degrees(params, world, ulysses)  # before touching the file
     with torch.device("meta"):
         model = DiffusionTransformer3D(**params)
     source, path = open_checkpoint(checkpoint_path)
     check_checkpoint(source, path, model)
     parallelize_dit(model, mesh, sequence_parallel=sequence_parallel)
-    sharded = shard_plan_for(model)
+    sharded = sharded_parameters(model)
     state = {}
     for name, param in model.named_parameters():
         read = source.reader(name)

@@ -1,6 +1,6 @@
 """One rank's pipeline: the role of a rank in a (dp × ulysses × tp) run, and the loader that builds with it.
 
-`TensorParallelRole` answers, for this rank, everything the single-process pipeline asks
+`RankRole` answers, for this rank of any plan, everything the single-process pipeline asks
 (k4flash/pipeline.py `Role`): its DiT (a TP shard, with its share of the tokens under
 Ulysses or sequence parallelism) everywhere; T5 and the writing on its model group's
 first rank; the text embedding broadcast from that rank; the VAE on every rank of the
@@ -19,11 +19,12 @@ from k4flash.weights import load_dit
 
 from .fetch import fetch_on_rank0
 from .load import load_dit_sharded
+from .plan import Plan, env_world
 from .runtime import Runtime, init_runtime
 from .vae import parallelize_vae
 
 
-class TensorParallelRole(Role):
+class RankRole(Role):
     """What one rank of a (dp × ulysses × tp) mesh loads, encodes, decodes and writes.
 
     docs/parallel.md "Mesh and roles".
@@ -81,12 +82,13 @@ def load_rank_pipeline(*args, runtime: Runtime = None, tp: int = None, ulysses: 
                        sequence_parallel: bool = False, vae_parallel: bool = True, **kwargs):
     """k4flash.pipeline.load_pipeline(*args, **kwargs) for this rank of a multi-rank run.
 
-    Joins the process group the launcher set up unless a `runtime` is given (`tp`: ranks
-    per TP group, default all that `ulysses` leaves). On GPU each rank's DiT is on cuda:LOCAL_RANK.
+    Joins the process group the launcher set up unless a `runtime` is given, with the plan of
+    `tp` (ranks per TP group, default all that `ulysses` leaves), `ulysses` and `sequence_parallel`.
+    On GPU each rank's DiT is on cuda:LOCAL_RANK.
     """
     if runtime is None:
         device = normalize_device_map(args[0] if args else kwargs["device_map"])["dit"]
+        plan = Plan.for_world(env_world()[1], tp, ulysses, sequence_parallel)
         # A library call inside the caller's program: its exit is the caller's business.
-        runtime = init_runtime("cuda" if device.type == "cuda" else "cpu", tp=tp, fast_exit=False, ulysses=ulysses,
-                               sequence_parallel=sequence_parallel)
-    return load_pipeline(*args, role=TensorParallelRole(runtime, vae_parallel=vae_parallel), **kwargs)
+        runtime = init_runtime("cuda" if device.type == "cuda" else "cpu", plan=plan, fast_exit=False)
+    return load_pipeline(*args, role=RankRole(runtime, vae_parallel=vae_parallel), **kwargs)

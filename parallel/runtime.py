@@ -1,4 +1,4 @@
-"""The distributed runtime: process group, device per local rank, the (dp, tp) mesh
+"""The distributed runtime: process group, device per local rank, the (dp, ulysses, tp) mesh of a `Plan`
 (docs/parallel.md "Mesh and roles").
 
 Launchers set the environment: torchrun and `python -m torch.distributed.launch` both
@@ -18,14 +18,14 @@ import torch.distributed as dist
 from k4flash.devices import resolve_device
 
 from . import comm
-from .degrees import env_world, validate_world  # noqa: F401 (env_world: re-exported)
+from .plan import Plan, env_world
 
 log = logging.getLogger("k4flash")
 
 
 @dataclass
 class Runtime:
-    """Where this rank sits in the (dp, ulysses, tp) mesh: W = dp · ulysses · tp ranks, TP innermost.
+    """Where this rank sits in the (dp, ulysses, tp) mesh of its `plan`: W = dp · ulysses · tp ranks, TP innermost.
 
     A model group is the ulysses · tp consecutive ranks that make one video together; dp groups
     work on different prompts.
@@ -34,13 +34,26 @@ class Runtime:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    plan: Plan = Plan()
     group_mesh: object = None  # this rank's model group as a 1-D DeviceMesh; None when it is one rank
     dit_mesh: object = None  # what parallel.parallelize_dit takes: the TP group, or a ("ulysses", "tp") mesh
     dp_rank: int = 0  # which data-parallel group (share of the prompts) this rank works on
-    dp_size: int = 1
-    tp_size: int = 1
-    ulysses_size: int = 1
-    sequence_parallel: bool = False
+
+    @property
+    def dp_size(self) -> int:
+        return self.plan.dp
+
+    @property
+    def tp_size(self) -> int:
+        return self.plan.tp
+
+    @property
+    def ulysses_size(self) -> int:
+        return self.plan.ulysses
+
+    @property
+    def sequence_parallel(self) -> bool:
+        return self.plan.sequence_parallel
 
     @property
     def group_size(self) -> int:
@@ -131,23 +144,25 @@ def skip_exit_collections() -> None:
         atexit.register(_freeze_heap_at_exit)
 
 
-def init_runtime(device: str = "auto", timeout_s: float = 600.0, tp=None, fast_exit: bool = True, ulysses: int = 1,
-                 sequence_parallel: bool = False) -> Runtime:
-    """Join the process group the launcher set up (nccl on GPU, gloo on CPU) and build the (dp, ulysses, tp) mesh.
+def init_runtime(device: str = "auto", timeout_s: float = 600.0, plan: Plan = None,
+                 fast_exit: bool = True) -> Runtime:
+    """Join the process group the launcher set up (nccl on GPU, gloo on CPU) and build the mesh of `plan`.
 
-    tp=None: every rank that Ulysses does not take. fast_exit: this process is a job's rank, which
+    plan=None: every rank in one tensor-parallel group. fast_exit: this process is a job's rank, which
     exits when the job is done: skip the interpreter's exit-time collections (`skip_exit_collections`).
     Pass False from inside a program that owns its own process lifetime (the library entry point does).
     """
     if fast_exit:
         skip_exit_collections()
     rank, world, local_rank = env_world()
-    tp = validate_world(world, tp, ulysses)
+    plan = plan or Plan.for_world(world)
+    if plan.world_size != world:
+        raise ValueError(f"the plan {plan} is for {plan.world_size} rank(s); this launch has {world}")
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    if tp > local_world and rank == 0:
+    if plan.tp > local_world and rank == 0:
         # TP sends 2 collectives per block: across nodes they leave NVLink for the network.
         log.warning("parallel.tp=%d spans nodes (%d ranks per node); prefer tp <= ranks per node and "
-                    "data parallelism across nodes", tp, local_world)
+                    "data parallelism across nodes", plan.tp, local_world)
     device = resolve_device(device, local_rank)
     if world == 1:
         return Runtime(device=device)
@@ -162,12 +177,11 @@ def init_runtime(device: str = "auto", timeout_s: float = 600.0, tp=None, fast_e
         # group's own timeout is the backstop behind it, so that NCCL's watchdog does not abort first.
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s + BACKSTOP_S),
                                 device_id=device if device.type == "cuda" else None)
-    size = ulysses * tp
-    base = dict(rank=rank, world_size=world, local_rank=local_rank, device=device, dp_rank=rank // size,
-                dp_size=world // size, tp_size=tp, ulysses_size=ulysses, sequence_parallel=sequence_parallel and tp > 1)
-    if size == 1:  # pure data parallelism: its groups never talk during generation, so no communicator
+    base = dict(rank=rank, world_size=world, local_rank=local_rank, device=device, plan=plan,
+                dp_rank=rank // plan.group_size)
+    if plan.group_size == 1:  # pure data parallelism: its groups never talk during generation, so no communicator
         return Runtime(**base)
-    group_mesh, dit_mesh = model_group_meshes(device.type, world, ulysses, tp)
+    group_mesh, dit_mesh = model_group_meshes(device.type, world, plan.ulysses, plan.tp)
     return Runtime(**base, group_mesh=group_mesh, dit_mesh=dit_mesh)
 
 

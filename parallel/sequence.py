@@ -14,10 +14,10 @@ given the shard's own visual count. Only attention needs the whole sequence:
 
 Both compose: tokens are split U·K ways (u-major), the TP all-gather restores the Ulysses
 shard. Padding never reaches the attention: it is cut after the sequence is whole and put
-back before it is split again. A hook installed here splits the tokens before the first
-block; the output layer projects each rank's own visual tokens and gathers the patch
-outputs (prod(patch)·C = 64 values per token instead of D = 3072), so the model's forward
-is unchanged.
+back before it is split again. The split happens where the DiT's forward asks its `sequence`
+seam for the blocks' tokens (k4flash/dit.py `WholeSequence`): `shard_sequence` puts a
+`SequenceShards` there. The output layer projects each rank's own visual tokens and gathers
+the patch outputs (prod(patch)·C = 64 values per token instead of D = 3072).
 """
 import math
 
@@ -30,7 +30,7 @@ from . import comm
 
 
 class SequenceShards:
-    """This rank's share of the joint sequence during the current forward.
+    """This rank's share of the joint sequence during the current forward: the DiT's `sequence` under a plan.
 
     `levels`: (group, index, size) from the outermost split to the innermost; the shard index
     is u·K + k for (ulysses, tp), so each TP group's shards together are one Ulysses shard.
@@ -44,8 +44,11 @@ class SequenceShards:
             self.index = self.index * size + index
         self.total = self.num_visual = None
 
-    def begin(self, num_visual: int, total: int) -> None:
-        self.num_visual, self.total = num_visual, total
+    def shard(self, tokens, num_visual: int):
+        """The DiT's seam: (this rank's shard of the (B, S, D) tokens, how many of the shard's tokens are visual).
+        Remembers the whole sequence's layout for the attention and the output layer of this forward."""
+        self.num_visual, self.total = num_visual, tokens.shape[1]
+        return self.split(tokens), self.local_visual
 
     @property
     def padded(self) -> int:
@@ -120,12 +123,13 @@ class ShardedSequenceAttention(nn.Module):
         self.shards = shards
         self.ulysses_group, _, self.ulysses_size = ulysses
 
-    def forward(self, x, num_visual, rope_cos, rope_sin):  # x: (B, s, D); num_visual: this shard's (unused)
+    def forward(self, x, num_visual, rope_cos, rope_sin, attention):  # x: (B, s, D); num_visual: the shard's
         shards = self.shards
         qkv = self.to_query_key_value(x).unflatten(-1, (3, -1, self.head_dim))  # (B, s_u, 3, heads, hd)
         if self.ulysses_size > 1:
             qkv = sequence_to_heads(qkv, self.ulysses_group, self.ulysses_size)  # (B, S_pad, 3, heads/U, hd)
-        out = attend(qkv[:, :shards.total], self.query_norm, self.key_norm, shards.num_visual, rope_cos, rope_sin)
+        out = attend(qkv[:, :shards.total], self.query_norm, self.key_norm, shards.num_visual, rope_cos, rope_sin,
+                     attention)
         out = shards.pad(out)  # (B, S_pad, heads/U · hd)
         if self.ulysses_size == 1:
             return self.output_layer(out)
@@ -154,34 +158,13 @@ class ShardedOutLayer(nn.Module):
         return OutLayer.unpatchify(self, shards.gather(out)[:, :num_visual], grid)  # visual tokens lead
 
 
-class _ShardTokens:
-    """Forward pre-hooks of the DiT and of every block: the layout, the split, each block's visual count."""
-
-    def __init__(self, shards: SequenceShards, first_block):
-        self.shards, self.first_block = shards, first_block
-
-    def on_model(self, model, args, kwargs):
-        x = args[0] if args else kwargs["x"]
-        text = args[1] if len(args) > 1 else kwargs["text_embed"]
-        num_visual = math.prod(model.patch_grid(x.shape[1:4]))
-        self.shards.begin(num_visual, num_visual + text.shape[1])
-
-    def on_block(self, block, args):
-        tokens, _, *rest = args
-        if block is self.first_block:
-            tokens = self.shards.split(tokens)
-        return (tokens, self.shards.local_visual, *rest)
-
-
 def shard_sequence(model, tp, ulysses, sequence_parallel: bool) -> SequenceShards:
-    """Install the token split, the sharded attention and output layer on `model`; tp, ulysses: (group, index,
-    size)."""
+    """Put the token split in the DiT's `sequence` seam and the sharded attention and output layer in place;
+    tp, ulysses: (group, index, size)."""
     shards = SequenceShards([ulysses, tp if sequence_parallel else (None, 0, 1)])
-    blocks = [block for pair in model.transformer_blocks for block in pair]
-    hooks = _ShardTokens(shards, blocks[0])
-    model.register_forward_pre_hook(hooks.on_model, with_kwargs=True)
-    for block in blocks:
-        block.register_forward_pre_hook(hooks.on_block)
-        block.self_attention = ShardedSequenceAttention(block.self_attention, shards, ulysses)
+    model.sequence = shards
+    for pair in model.transformer_blocks:
+        for block in pair:
+            block.self_attention = ShardedSequenceAttention(block.self_attention, shards, ulysses)
     model.out_layer = ShardedOutLayer(model.out_layer, shards)
     return shards

@@ -1,4 +1,4 @@
-"""Tensor-parallel plan for the DiT, applied from outside the model (docs/parallel.md "Tensor-parallel plan").
+"""A plan's tensor parallelism, applied to the DiT from outside the model (docs/parallel.md "Tensor-parallel plan").
 
 Per transformer block:
 - `to_query_key_value` is column-parallel with each of q, k, v split by heads, so a
@@ -14,7 +14,7 @@ them, so all of them are computed right after the time embedding and assembled w
 ONE all-gather per forward instead of one per layer. Embeddings, norms and the final
 projection are small and replicated.
 
-Why own thin layers rather than DTensor's `parallelize_module`: the plan needs a
+Why own thin layers rather than DTensor's `parallelize_module`: the split needs a
 fused-QKV split by thirds and a batched gather across 85 layers, both awkward as
 DTensor placements; the plain-tensor layers keep the forward free of DTensor dispatch
 and make every collective explicit and countable (parallel.comm).
@@ -26,26 +26,26 @@ from torch import nn
 from k4flash.weights import slice_reader
 
 from . import comm
-from .degrees import allowed_tp_degrees, validate_plan_degrees, validate_tp_degree  # noqa: F401 (re-exported)
+from .plan import validate_plan_degrees
 from .sequence import shard_sequence
 
 COLWISE, COLWISE_QKV, ROWWISE, GATHERED = "colwise", "colwise_qkv", "rowwise", "gathered"
 
 
-def dit_tp_plan(num_blocks: int) -> dict:
+def dit_shard_styles(num_blocks: int) -> dict:
     """Module path → sharding style; modules not named are replicated."""
-    plan = {}
+    styles = {}
     for i in range(num_blocks):
         for j in range(2):
             block = f"transformer_blocks.{i}.{j}"
-            plan[f"{block}.self_attention.to_query_key_value"] = COLWISE_QKV
-            plan[f"{block}.self_attention.output_layer"] = ROWWISE
-            plan[f"{block}.feed_forward.in_layer"] = COLWISE
-            plan[f"{block}.feed_forward.out_layer"] = ROWWISE
-            plan[f"{block}.visual_modulation.out_layer"] = GATHERED
-            plan[f"{block}.text_modulation.out_layer"] = GATHERED
-    plan["out_layer.modulation_out"] = GATHERED
-    return plan
+            styles[f"{block}.self_attention.to_query_key_value"] = COLWISE_QKV
+            styles[f"{block}.self_attention.output_layer"] = ROWWISE
+            styles[f"{block}.feed_forward.in_layer"] = COLWISE
+            styles[f"{block}.feed_forward.out_layer"] = ROWWISE
+            styles[f"{block}.visual_modulation.out_layer"] = GATHERED
+            styles[f"{block}.text_modulation.out_layer"] = GATHERED
+    styles["out_layer.modulation_out"] = GATHERED
+    return styles
 
 
 def shard_rows(style, rows: int, rank: int, world: int) -> list:
@@ -120,7 +120,7 @@ class GatheredLinear(nn.Module):
 
     def forward(self, x):  # x = SiLU(time_embed), already consumed by the gather
         if self.gathered is None:
-            raise RuntimeError("GatheredLinear called before the modulation gather ran (was the plan applied?)")
+            raise RuntimeError("GatheredLinear called before the modulation gather ran (was parallelize_dit applied?)")
         out, self.gathered = self.gathered, None
         return out
 
@@ -165,7 +165,7 @@ def mesh_coords(mesh) -> tuple:
 ALONE = (None, 0, 1)  # the coordinates of a mesh dimension of size 1
 
 
-def plan_coords(mesh) -> tuple:
+def dit_mesh_coords(mesh) -> tuple:
     """((tp group, index, size), (ulysses group, index, size)) of the mesh parallelize_dit takes.
 
     A 1-D mesh (or a (group, rank, size) tuple) is tensor parallelism alone; a 2-D DeviceMesh
@@ -186,7 +186,7 @@ def _model_params(model) -> dict:
 
 
 def parallelize_dit(model, mesh, *, sequence_parallel: bool = False):
-    """Shard `model` in place over a DiT mesh (see plan_coords); returns it.
+    """Shard `model` in place over a DiT mesh (see dit_mesh_coords); returns it.
 
     1-D mesh: tensor parallelism (2 all-reduces per block). 2-D ("ulysses", "tp") mesh: the tokens are
     split over the Ulysses ranks through every block (two all-to-alls around attention, weights whole
@@ -198,12 +198,12 @@ def parallelize_dit(model, mesh, *, sequence_parallel: bool = False):
     loaded one (each rank keeps its slice of the weights). Refuses degrees that do not divide the heads
     and widths, naming the allowed ones.
     """
-    tp, ulysses = plan_coords(mesh)
+    tp, ulysses = dit_mesh_coords(mesh)
     (tp_group, rank, world), sequence_parallel = tp, sequence_parallel and tp[2] > 1
     validate_plan_degrees(_model_params(model), world, ulysses[2])
     if world > 1:
         gathered = []
-        for path, style in dit_tp_plan(len(model.transformer_blocks)).items():
+        for path, style in dit_shard_styles(len(model.transformer_blocks)).items():
             parent_path, name = path.rsplit(".", 1)
             parent = model.get_submodule(parent_path)
             linear = getattr(parent, name)
@@ -220,18 +220,17 @@ def parallelize_dit(model, mesh, *, sequence_parallel: bool = False):
         model.time_embeddings.register_forward_hook(ModulationGather(gathered, tp_group, world))
     if ulysses[2] > 1 or sequence_parallel:
         shard_sequence(model, tp, ulysses, sequence_parallel)
-    model.tp_degree = world
-    model.parallel_plan = dict(tp=world, ulysses=ulysses[2], sequence_parallel=sequence_parallel)
+    model.tp_degree = world  # read by sharded_parameters (the sharded loader)
     return model
 
 
-def shard_plan_for(model) -> dict:
+def sharded_parameters(model) -> dict:
     """parameter name → (style, full shape) for every sharded parameter of a parallelized model."""
     world = getattr(model, "tp_degree", 1)
     out = {}
     if world == 1:
         return out
-    for path, style in dit_tp_plan(len(model.transformer_blocks)).items():
+    for path, style in dit_shard_styles(len(model.transformer_blocks)).items():
         module = model.get_submodule(path)
         for kind in ("weight", "bias"):
             local = tuple(getattr(module, kind).shape)

@@ -59,15 +59,15 @@ class RowShardedGroupNorm(nn.GroupNorm):
     decode it is torch's GroupNorm exactly.
     """
 
-    def __init__(self, norm: nn.GroupNorm, plan: "RowParallelVAE"):
+    def __init__(self, norm: nn.GroupNorm, wrapping: "RowParallelVAE"):
         nn.Module.__init__(self)
         self.num_groups, self.num_channels, self.eps, self.affine = (
             norm.num_groups, norm.num_channels, norm.eps, norm.affine)
         self.weight, self.bias = norm.weight, norm.bias
-        self._plan = plan
+        self._wrapping = wrapping
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        band = self._plan.band
+        band = self._wrapping.band
         if band is None:
             return super().forward(x)
         batch, channels = x.shape[:2]
@@ -265,7 +265,7 @@ def parallelize_vae(vae, runtime) -> RowParallelVAE:
 
 def decode_latents_parallel(vae, latents: torch.Tensor, as_float: bool = False):
     """RowParallelVAE.decode of a VAE that parallelize_vae wrapped (see there)."""
-    plan = getattr(vae, "_k4flash_row_parallel", None)
-    if plan is None:
+    wrapping = getattr(vae, "_k4flash_row_parallel", None)
+    if wrapping is None:
         raise ValueError("decode_latents_parallel needs a VAE wrapped by parallel.vae.parallelize_vae")
-    return plan.decode(latents, as_float=as_float)
+    return wrapping.decode(latents, as_float=as_float)

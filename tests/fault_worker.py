@@ -21,10 +21,10 @@ import sys
 import time
 from pathlib import Path
 
+import k4flash.pipeline
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # like run_inference_distil.py, whose folder is the checkout
-import k4flash.pipeline  # noqa: E402
-import torch  # noqa: E402
 
 ENTRY = ROOT / "run_inference_distil.py"
 RANK = int(os.environ.get("RANK", "0"))

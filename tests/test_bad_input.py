@@ -1,7 +1,7 @@
 """Every kind of bad input, through the real entry point: one `error:` line naming the value and what
 is allowed, exit status 2, before any weights load, and nothing written.
 
-The runs are in-process (Hydra's compose + k4flash.app.cli.run) so the whole table costs
+The runs are in-process (Hydra's compose + launch.cli.run) so the whole table costs
 seconds; tests/test_cli.py runs the same entry point as a subprocess.
 """
 import os
@@ -14,8 +14,8 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from k4flash.app.cli import run
-from k4flash.app.config import register_configs
+from launch.cli import run
+from launch.config import register_configs
 from k4flash.tiny import tiny_dit_state_dict
 from k4flash.published import DIT_FILENAME
 from test_cli import ENTRY

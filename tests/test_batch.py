@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from k4flash.app.batch import read_prompts_file, slugify
+from launch.batch import read_prompts_file, slugify
 
 from parity import assert_parity, break_env
-from spawn import free_port
+from parallel.spawn import free_port
 from test_cli import ENTRY
 
 DEFAULTS = dict(seed=10, time_length=0, width=512, height=512)

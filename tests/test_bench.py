@@ -1,8 +1,10 @@
 """The benchmark suite: every command runs end-to-end in a small mode and reports what it claims;
-the cost model's formulas agree with torch's flop counter and with the collectives the TP plan sends.
+the cost model's formulas agree with torch's flop counter and with the collectives the TP plan sends;
+bench/ stands on its own (no import of tests/, no sys.path edits, each shared helper defined once).
 
 No timed assertions: timings are only checked to exist and be positive.
 """
+import ast
 import json
 import os
 import subprocess
@@ -12,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from k4flash import cost
 from k4flash.dit import DiffusionTransformer3D
 from k4flash.published import PUBLISHED_DIT_PARAMS
 from k4flash.tiny import TINY_DIT_PARAMS, fill_deterministic_
+from parallel import cost, counting
 
 from parity import assert_parity
 
@@ -45,7 +47,7 @@ def test_analytic_dit_flops_equal_the_flop_counter_on_real_tensors(params, laten
     model = fill_deterministic_(DiffusionTransformer3D(**params), seed=0).eval()
     x = torch.randn(1, *latent, params["in_visual_dim"])
     text = torch.randn(1, text_tokens, params["in_text_dim"])
-    counted = cost.count_flops(lambda: model(x, text, torch.tensor([749.0])))
+    counted = counting.count_flops(lambda: model(x, text, torch.tensor([749.0])))
     analytic = cost.dit_flops(params, latent, text_tokens)
     assert any("scaled_dot_product" in op for op in counted["by_op"])  # CPU SDPA is counted, not skipped
     assert counted["total"] == pytest.approx(analytic["total"], rel=0.01)
@@ -77,7 +79,8 @@ def test_published_size_figures():
 def test_published_width_collectives_counted_on_the_meta_device():
     """The 85 collectives per forward at tp = 8, counted on the real plan code at the published width and depth
     (21 block pairs, meta tensors), not restated from the formula."""
-    from parallel.plan import Plan, rank_work
+    from parallel.plan import Plan
+    from parallel.rank_work import rank_work
 
     counted = rank_work(PUBLISHED_DIT_PARAMS, Plan(tp=8))
     assert counted["calls"] == {"all_reduce": 84, "all_gather": 1}  # README: 85 collectives per forward
@@ -100,7 +103,7 @@ def test_cost_model_command(tmp_path):
     vae_row, t5_row, t5_meta = _rows(data, 2)
     assert vae_row["tflop"] == cost.PUBLISHED_VAE_DECODE["conv_flops"]  # the stored count is the meta run's
     assert vae_row["bytes"] == cost.PUBLISHED_VAE_DECODE["elementwise_bytes"]
-    assert sum(p.numel() for p in cost.published_vae().parameters()) == cost.VAE_PARAMS
+    assert sum(p.numel() for p in counting.published_vae().parameters()) == cost.VAE_PARAMS
     assert t5_meta["tflop"] == pytest.approx(t5_row["tflop"], rel=0.01)
     choices = {r["gpus"]: r for r in _rows(data, 3)}
     assert set(choices) == {f"{n} x {gb} GB" for n in (1, 2, 4, 8) for gb in (80, 24)}
@@ -120,14 +123,14 @@ def test_cost_model_command(tmp_path):
 
 
 def test_tp_command_counts_match_the_cost_model(tmp_path):
-    from bench.dit_forward import CONFIGS
+    from bench.configs import DIT_CONFIGS
     from bench.tp import main
     data, markdown = _run(main, ["--config", "tiny", "--degrees", "2", "--repeats", "1"], tmp_path, "tp")
     rows = {r["plan"]: r for r in _rows(data)}
     assert set(rows) == {"one rank", "tp", "tp+sp", "ulysses"}
-    config = CONFIGS["tiny"]
+    config = DIT_CONFIGS["tiny"]
     for name, (ulysses, tp, sp) in (("tp", (1, 2, False)), ("tp+sp", (1, 2, True)), ("ulysses", (2, 1, False))):
-        predicted = cost.dit_plan_comm(config["params"], tp, ulysses, sp, config["latent"][:3], config["text_tokens"],
+        predicted = cost.dit_plan_comm(config["params"], tp, ulysses, sp, config["latent"], config["text_tokens"],
                                        bytes_per_element=4)
         row = rows[name]
         assert row["bytes_per_rank"] == predicted["payload_bytes"] and row["calls"] == predicted["calls"]
@@ -169,8 +172,8 @@ def test_gpu_dit_runs_its_code_path_on_cpu(tmp_path):
     assert row["output_finite"] and row["median_s"] > 0
     # Its FLOP figure is the flop counter's on the real module, not the bench's own formula restated.
     model = fill_deterministic_(DiffusionTransformer3D(**TINY_DIT_PARAMS), seed=0).eval()
-    counted = cost.count_flops(lambda: model(torch.randn(1, 3, 8, 12, 16), torch.randn(1, 20, 32),
-                                             torch.tensor([749.0])))["total"]
+    counted = counting.count_flops(lambda: model(torch.randn(1, 3, 8, 12, 16), torch.randn(1, 20, 32),
+                                                 torch.tensor([749.0])))["total"]
     assert row["tflops"] * row["median_s"] * 1e12 == pytest.approx(counted, rel=0.01)
 
 
@@ -250,3 +253,87 @@ def test_serve_command_loses_nothing(tmp_path):
     (row,) = _rows(data)
     assert row["completed"] == 4 and row["lost"] == 0 and row["every_request_ended"]
     assert row["p50_s"] > 0 and row["first_byte_ms"] > 0 and row["server_exit"] == 0
+
+
+# ---------------------------------------------------------------------------- bench/ stands on its own
+
+BENCH_FILES = sorted((ROOT / "bench").rglob("*.py"))
+
+
+def _is_sys_path(node) -> bool:
+    return isinstance(node, ast.Attribute) and node.attr == "path" and isinstance(node.value, ast.Name) \
+        and node.value.id == "sys"
+
+
+def _imports_tests(name) -> bool:
+    return name == "tests" or name.startswith("tests.")
+
+
+def _leans_on_the_checkout(tree) -> list:
+    """(line, what) for each import of tests/ and each edit of sys.path in a parsed module."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, f"import {a.name}") for a in node.names if _imports_tests(a.name)]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            if _imports_tests(node.module or ""):
+                found.append((node.lineno, f"from {node.module} import ..."))
+            if node.module == "sys" and any(a.name == "path" for a in node.names):
+                found.append((node.lineno, "from sys import path"))
+        elif isinstance(node, ast.Call):  # importlib.import_module("tests...") / __import__("tests...")
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+            first = node.args[0] if node.args else None
+            if name in ("import_module", "__import__") and isinstance(first, ast.Constant) \
+                    and isinstance(first.value, str) and _imports_tests(first.value):
+                found.append((node.lineno, f"{name}({first.value!r})"))
+            if isinstance(func, ast.Attribute) and _is_sys_path(func.value):  # sys.path.insert / append / ...
+                found.append((node.lineno, f"sys.path.{func.attr}(...)"))
+        elif isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign, ast.Delete)):
+            targets = node.targets if isinstance(node, (ast.Assign, ast.Delete)) else [node.target]
+            for target in targets:
+                if _is_sys_path(target) or (isinstance(target, ast.Subscript) and _is_sys_path(target.value)):
+                    found.append((node.lineno, "sys.path = / sys.path[...] = / sys.path +="))
+    return found
+
+
+def test_the_scan_sees_an_import_of_tests_and_a_sys_path_edit():
+    """The scan below fails for what it is meant to catch (and not for running a tests/ script by path)."""
+    leaning = ast.parse("import tests.parity\nfrom tests import spawn\nimport sys\n"
+                        "sys.path.insert(0, '.')\nsys.path[:0] = ['.']\nsys.path += ['.']\n"
+                        "import importlib\nimportlib.import_module('tests.fault_worker')\n")
+    assert sorted(line for line, _ in _leans_on_the_checkout(leaning)) == [1, 2, 4, 5, 6, 8]
+    standing = ast.parse("import sys\nfrom pathlib import Path\nimport testsuite\n"
+                         "command = [sys.executable, str(Path('tests') / 'fault_worker.py')]\n")
+    assert _leans_on_the_checkout(standing) == []
+
+
+def test_bench_never_imports_tests_nor_edits_sys_path():
+    """The benchmarks run as `python -m bench.<name>` from the checkout's root: nothing in bench/ reaches into
+    tests/ or puts a folder on sys.path."""
+    assert ROOT / "bench" / "gpu_check" / "__main__.py" in BENCH_FILES  # the scan descends into packages
+    offences = [f"{path.relative_to(ROOT)}:{line}: {what}" for path in BENCH_FILES
+                for line, what in _leans_on_the_checkout(ast.parse(path.read_text(), str(path)))]
+    assert not offences, "bench/ must stand on its own:\n" + "\n".join(offences)
+
+
+SHARED = {"DIT_CONFIGS", "VAE_CONFIGS", "CONFIGS", "TIMESTEP", "dit_inputs", "config_inputs", "autocast_for",
+          "Timer", "timed", "time_calls", "measure", "slowest_rank_times", "synchronize", "build_random_dit",
+          "build_random_vae", "status_kib", "status_mb", "reset_peak_rss", "in_fresh_process", "run_one_rank",
+          "compare", "log"}
+
+
+def test_each_shared_bench_helper_is_defined_once_and_no_module_is_long():
+    definitions = {}
+    for path in BENCH_FILES:
+        text = path.read_text()
+        assert len(text.splitlines()) <= 400, f"{path.relative_to(ROOT)}: over 400 lines; split it"
+        for node in ast.parse(text).body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                names = {node.name}
+            else:
+                names = {t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)}
+            for name in names & SHARED:
+                definitions.setdefault(name, []).append(str(path.relative_to(ROOT)))
+    assert {name: paths for name, paths in definitions.items() if len(paths) > 1} == {}
+    assert {"DIT_CONFIGS", "TIMESTEP", "dit_inputs", "Timer", "timed", "time_calls"} <= set(definitions)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from k4flash.app.cli import strip_launcher_args
+from launch.cli import strip_launcher_args
 
 ENTRY = Path(__file__).resolve().parents[1] / "run_inference_distil.py"
 
@@ -87,3 +87,34 @@ def test_the_readme_demo_line_can_be_repeated_and_leaves_only_its_outputs(tmp_pa
                          "progress=false")
         assert result.returncode == 0, result.stderr[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo.json", "demo.png"]
+
+
+def test_help_lists_every_key_as_written(tmp_path, tiny_cache):
+    """`--help`, where the unknown-key error sends users: exit 0, every schema key listed, and a field doc's
+    `$K4FLASH_API_KEY` printed as written (it used to reach Hydra's string.Template: KeyError, a traceback)."""
+    from launch.config import RunConfig, _rows
+
+    result = run_cli(tmp_path, tiny_cache, "--help")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "serve.api_key (str or null; default null): mode=serve: when set (or $K4FLASH_API_KEY)" in result.stdout
+    assert "model: kandinsky4_flash, tiny" in result.stdout  # Hydra's one placeholder still filled in
+    missing = [name for name, *_ in _rows(RunConfig) if f"  {name} (" not in result.stdout]
+    assert missing == []
+
+
+@pytest.mark.parametrize("doc", ["uses $HOME and $$", "an interpolation ${model.name} stays text", "50$ or ${"])
+def test_help_template_keeps_any_dollar_text_literal(doc):
+    """What Hydra does with the template (OmegaConf reads it, then string.Template fills $APP_CONFIG_GROUPS)
+    gives back the text as written; negative control: the text put in unescaped fails or changes."""
+    import string
+
+    from omegaconf import OmegaConf
+
+    from launch.config import _literal_for_hydra
+
+    def render(template):
+        return string.Template(OmegaConf.create({"t": template}).t).substitute(APP_CONFIG_GROUPS="G")
+    text = f"groups: $APP_CONFIG_GROUPS; {doc}"
+    assert render(_literal_for_hydra(text, keep="$APP_CONFIG_GROUPS")) == f"groups: G; {doc}"
+    with pytest.raises(Exception):
+        assert render(text) == f"groups: G; {doc}"

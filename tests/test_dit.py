@@ -7,7 +7,7 @@ import torch
 from k4flash.dit_math import apply_rope, rope_angle_table, rope_cos_sin
 from k4flash.dit import DiffusionTransformer3D
 from k4flash.published import PUBLISHED_DIT_PARAMS
-from k4flash.tools.reference import reference_forward
+from k4flash.reference import reference_forward
 from k4flash.tiny import TINY_DIT_PARAMS, tiny_dit_state_dict
 
 from parity import assert_parity

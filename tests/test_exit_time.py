@@ -29,7 +29,6 @@ ROOT = Path(__file__).resolve().parents[1]
 REPORT_AT_EXIT = """
 import atexit, gc, sys
 atexit.register(lambda: print(f"frozen at exit: {gc.get_freeze_count()}", flush=True))
-sys.path.insert(0, ROOT)
 """
 
 

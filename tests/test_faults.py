@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from spawn import free_port
+from parallel.spawn import free_port
 from test_cli import ENTRY
 
 WORKER = Path(__file__).with_name("fault_worker.py")
@@ -39,7 +39,7 @@ def _env(tiny_cache, fault=None):
 def run_with_fault(cwd, tiny_cache, fault, overrides, world=None):
     """Run the worker (under the project's launcher, which exits with rank 0's documented status, when `world` is
     given); returns (result, seconds from fault to exit)."""
-    launcher = ["-m", "k4flash.app.launch", "--nproc-per-node", str(world), "--master-port", str(free_port())]
+    launcher = ["-m", "launch.torchrun", "--nproc-per-node", str(world), "--master-port", str(free_port())]
     command = [sys.executable, *(launcher if world else []), str(WORKER), *overrides]
     # Its own session: an injected Ctrl-C goes to the run's process group, not to pytest. SIGINT back to
     # its default: a shell running CI in the background hands its children SIGINT ignored.
@@ -140,7 +140,7 @@ def test_nccl_like_faults_with_the_main_thread_stuck_in_native_code(tmp_path, ti
     parallel.timeout_s=600 is far away. The heartbeat thread must name the culprit and end every process
     within 60 s, leaving no partial output."""
     env = dict(_env(tiny_cache, fault), K4FLASH_TEST_NATIVE_BLOCK=blocked)
-    command = [sys.executable, "-m", "k4flash.app.launch", "--nproc-per-node", "2", "--master-port",
+    command = [sys.executable, "-m", "launch.torchrun", "--nproc-per-node", "2", "--master-port",
                str(free_port()), str(WORKER), *IMAGE, "save_path=out/v.mp4", "parallel.timeout_s=600"]
     launcher = subprocess.Popen(command, cwd=tmp_path, env=dict(env, PYTHONPATH=str(ENTRY.parent)),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -186,7 +186,7 @@ def test_a_rank_raising_mid_prompt_in_a_tp_batch_fails_the_run_without_mixing_co
     collectives. Counting it as one failed prompt and going on would pair rank 1's next collective (prompt 1's
     text broadcast) with rank 0's pending one. Instead the run stops: exit 3, rank 1 named, nothing written."""
     (tmp_path / "prompts.txt").write_text("a red square\na blue circle\na green triangle\n")
-    command = [sys.executable, "-m", "k4flash.app.launch", "--nproc-per-node", "2", "--master-port",
+    command = [sys.executable, "-m", "launch.torchrun", "--nproc-per-node", "2", "--master-port",
                str(free_port()), str(WORKER), *IMAGE, "prompts_file=prompts.txt", "output_dir=out",
                f"parallel.timeout_s={TIMEOUT_S}"]
     result = subprocess.run(command, cwd=tmp_path, env=dict(_env(tiny_cache, "raise:1:2"), PYTHONPATH=str(ENTRY.parent)),

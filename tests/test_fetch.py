@@ -4,7 +4,7 @@ import time
 from datetime import timedelta
 
 
-from spawn import run_ranks
+from parallel.spawn import run_ranks
 
 DOWNLOAD_S = 4.0
 COLLECTIVE_TIMEOUT_S = 2.0

@@ -45,9 +45,7 @@ def dit():
 
 
 def test_the_tiny_weights_are_the_ones_the_golden_numbers_came_from(golden):
-    import sys
-    sys.path.insert(0, str(GOLDEN.parent))
-    from make_golden import tiny_builder_fingerprint
+    from golden.make_golden import tiny_builder_fingerprint  # tests/ is on pytest's pythonpath
 
     assert tiny_builder_fingerprint() == golden[1]["tiny_builder_sha256"], (
         "k4flash/tiny.py builds different DiT weights than tests/golden/official.safetensors was made from: "

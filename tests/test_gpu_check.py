@@ -5,11 +5,13 @@ hold each section with finite figures that agree with each other, the default SD
 match math, and bf16 must measurably differ from fp32. The pieces only a GPU exercises are
 checked on stand-ins: the host-sync counting on synthetic profiler events, the tensor-parallel
 parity on two gloo ranks, and the verdicts on failing figures. Without CUDA and without
---smoke the command refuses with one line and status 2. No timed assertions.
+--smoke the command refuses with one line and status 2; otherwise its status is the checks' verdict.
+No timed assertions.
 """
 import json
 import math
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -19,10 +21,11 @@ import pytest
 import torch
 from torch.autograd import DeviceType
 
-from bench import gpu_check
+from bench.gpu_check import checks, command, sampler, sections
+from bench.gpu_check import tp as tp_section
 from k4flash.dit_math import DEFAULT_SDPA_BACKENDS
 from k4flash.tiny import TINY_DIT_PARAMS
-from k4flash import cost
+from parallel import cost
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("1.", "2.", "3.", "4.", "5.", "6.", "7.", "Checks")
@@ -32,7 +35,7 @@ SECTIONS = ("1.", "2.", "3.", "4.", "5.", "6.", "7.", "Checks")
 def smoke(tmp_path_factory):
     """One smoke run for the module: (JSON on disk, Markdown on disk)."""
     out = tmp_path_factory.mktemp("gpu_check")
-    gpu_check.main(["--smoke", "--warmup", "1", "--repeats", "2", "--vae-repeats", "1", "--out", str(out)])
+    command.main(["--smoke", "--warmup", "1", "--repeats", "2", "--vae-repeats", "1", "--out", str(out)])
     return json.loads((out / "gpu_check.json").read_text()), (out / "gpu_check.md").read_text()
 
 
@@ -91,7 +94,7 @@ def test_default_sdpa_backend_matches_math_and_bf16_is_bounded(smoke):
     assert fp32["kernel"] == "flash" and fp32["finite"]  # the CPU flash kernel, against the math one
     assert fp32["max_rel_err"] < 1e-4 and fp32["rel_l2_err"] < 1e-4
     # bf16 really ran in bf16: measurably off fp32 (an 8-bit mantissa), yet within the bound
-    assert 1e-4 < bf16["rel_l2_err"] < gpu_check.BF16_REL_L2 and bf16["dtype"] == "bfloat16"
+    assert 1e-4 < bf16["rel_l2_err"] < checks.BF16_REL_L2 and bf16["dtype"] == "bfloat16"
 
 
 def test_checks_pass_on_the_cpu_and_gpu_only_ones_are_not_applied(smoke):
@@ -108,14 +111,14 @@ def test_checks_pass_on_the_cpu_and_gpu_only_ones_are_not_applied(smoke):
 def test_a_failing_figure_fails_its_check():
     backends = [dict(kernel="efficient", finite=True, max_rel_err=2e-3, rel_l2_err=1e-6),
                 dict(kernel="flash", finite=True, max_rel_err=0.01, rel_l2_err=0.02)]
-    sections = dict(backends=backends, steps=[dict(output_finite=True)], vae=dict(output_finite=True),
+    figures = dict(backends=backends, steps=[dict(output_finite=True)], vae=dict(output_finite=True),
                     sampler=dict(latents_finite=True, syncs_in_loop=1, syncs_total=2, warned_before_loop=0,
                                  warned_in_loop=0, warned_after_loop=1),
                     end_to_end=[dict(total_s=12.0)], tp=[{}, dict(rel_l2_err=0.01, speedup=0.9)],
                     faults=[dict(fault="hang:1:2", exit_status=-9, capped=True, names_culprit=False,
                                  fault_to_exit_s=None)])
     verdicts = {row["check"]: row["passed"] for row in
-                gpu_check.check_rows(torch.device("cuda"), "published", sections, 2, 60.0)}
+                checks.check_rows(torch.device("cuda"), "published", figures, 2, 60.0)}
     assert verdicts == {
         "every DiT and VAE output finite": True,
         "fp32 efficient vs fp32 math: max rel err": False,  # 2e-3 > 1e-3
@@ -137,8 +140,8 @@ def test_a_section_that_raises_fails_its_check_and_the_others_still_report(tmp_p
     def broken_decode(*args):
         raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore detail")
 
-    monkeypatch.setattr(gpu_check, "time_vae_decode", broken_decode)
-    data = gpu_check.main(["--smoke", "--no-compile", "--warmup", "1", "--repeats", "1", "--json",
+    monkeypatch.setattr(sections, "time_vae_decode", broken_decode)  # where the section runner looks it up
+    data = command.main(["--smoke", "--no-compile", "--warmup", "1", "--repeats", "1", "--json",
                            str(tmp_path / "c.json")])
     tables = _tables(data)
     assert data["settings"]["checks_passed"] is False
@@ -158,25 +161,25 @@ def test_host_syncs_are_counted_before_inside_and_after_the_step_loop():
     """What a CUDA profile holds, by hand: runtime calls named as kineto names them, GPU-side copies and
     the GPU-side twin of each marker, which must not move the loop's bounds."""
     events = [
-        _event(gpu_check.MARK_SAMPLER, 0, 100), _event(gpu_check.MARK_SAMPLER, 1, 300, DeviceType.CUDA),
+        _event(sampler.MARK_SAMPLER, 0, 100), _event(sampler.MARK_SAMPLER, 1, 300, DeviceType.CUDA),
         _event("cudaStreamSynchronize", 5, 15),  # before the loop (drawing the noise); a call counts where it starts
-        *[_event(gpu_check.MARK_DIT, t, t + 10) for t in (10, 30, 50, 70)],
-        *[_event(gpu_check.MARK_STEP_END, t) for t in (25, 45, 65, 85)],
-        _event(gpu_check.MARK_STEP_END, 250, device=DeviceType.CUDA),
+        *[_event(sampler.MARK_DIT, t, t + 10) for t in (10, 30, 50, 70)],
+        *[_event(sampler.MARK_STEP_END, t) for t in (25, 45, 65, 85)],
+        _event(sampler.MARK_STEP_END, 250, device=DeviceType.CUDA),
         _event("cudaMemcpyAsync", 39), _event("cudaStreamSynchronize_v3020", 40),  # a sync inside a step
         _event("cuCtxSynchronize", 80, 95), _event("cudaLaunchKernel", 61), _event("cudaStreamWaitEvent", 62),
         _event("cudaMemcpyAsync", 89), _event("cudaStreamSynchronize", 90),  # the final finite check
         _event("Memcpy DtoH (Device -> Pageable)", 91, 92, DeviceType.CUDA),
         _event("cudaDeviceSynchronize", 120),  # after the sampler's range: the bench's own sync
     ]
-    counts = gpu_check.count_syncs(events)
+    counts = sampler.count_syncs(events)
     assert {k: v for k, v in counts.items() if k != "sampler_profiled_s"} == dict(
         syncs_before_loop=1, syncs_in_loop=2, syncs_after_loop=1, syncs_total=4, dtoh_copies=1)
     assert counts["sampler_profiled_s"] == pytest.approx(100e-6)
 
 
 def test_tensor_parallel_section_on_two_gloo_ranks():
-    one, two = gpu_check.tensor_parallel_rows(2, "tiny", "cpu", warmup=1, repeats=2)
+    one, two = tp_section.tensor_parallel_rows(2, "tiny", "cpu", warmup=1, repeats=2)
     assert (one["tp"], two["tp"]) == (1, 2) and one["speedup"] == 1.0
     assert two["finite"] and two["rel_l2_err"] < 1e-5 and two["max_rel_err"] < 1e-5  # fp32: only the order differs
     assert two["median_s"] > 0 and two["speedup"] == pytest.approx(one["median_s"] / two["median_s"])
@@ -190,3 +193,12 @@ def test_refuses_without_cuda_and_without_smoke():
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: bench.gpu_check needs a CUDA device")
     assert "--smoke" in lines[0]
+
+
+@pytest.mark.parametrize("passed, status", [(True, 0), (False, 1)])
+def test_exit_status_is_the_checks_verdict(monkeypatch, passed, status):
+    """`python -m bench.gpu_check` (bench/gpu_check/__main__.py) exits 0 when every check passed, 1 otherwise."""
+    monkeypatch.setattr(command, "main", lambda: {"settings": {"checks_passed": passed}})
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_module("bench.gpu_check", run_name="__main__")
+    assert exited.value.code == status

@@ -8,7 +8,7 @@ import pytest
 from safetensors.torch import load_file
 
 from parity import assert_parity, break_env
-from spawn import free_port
+from parallel.spawn import free_port
 from test_cli import ENTRY
 
 ARGS = ["model=tiny", "time_length=0", "width=512", "height=512", "seed=5", "prompt=a red square", "progress=false",
@@ -106,5 +106,5 @@ def test_torchrun_sh_exits_with_the_documented_status_and_one_line(tmp_path, tin
     ({4: -6}, (3, "rank 4 was killed by SIGABRT")),
 ])
 def test_job_status_prefers_rank_0s_documented_status(codes, expected):
-    from k4flash.app.launch import job_status
+    from launch.torchrun import job_status
     assert job_status(codes) == expected

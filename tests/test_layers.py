@@ -1,14 +1,19 @@
 """The floors and which way imports go, read from the source (AST), so the rule cannot drift.
 
     library  k4flash/*.py            single-process model, math, sampler, weights, pipeline, outputs
-    parallel parallel/*.py           distributed runtime and plans, wrapping the library from outside
-    tools    k4flash/tools/*.py      off the inference path: the literal reference forward
-    app      k4flash/app/*.py        Hydra schema, CLI, batches
+    parallel parallel/*.py           distributed runtime, plans, cost model and planner, from outside the library
+    launch   launch/*.py             the application: Hydra schema, CLI, batches, server, torchrun wrapper
     entry    run_inference_distil.py
     facade   k4flash/__init__.py     the model card's call; routes to parallel/ under a launcher, lazily
+
+Each top-level folder is one floor. Beside the import rule: no product module rewires another (assigns an
+attribute of a module it imported), and the literal reference forward (k4flash/reference.py) stays off the
+inference path.
 """
 import ast
+import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,25 +26,25 @@ ROOT = Path(__file__).resolve().parents[1]
 ALLOWED = {
     "library": {"library"},
     "parallel": {"library", "parallel"},
-    "tools": {"library", "tools"},
-    "app": {"library", "parallel", "app", "facade"},
-    "entry": {"app"},
+    "launch": {"library", "parallel", "launch", "facade"},
+    "entry": {"launch"},
     "facade": {"library", "parallel"},
 }
+REFERENCE = "k4flash.reference"  # the literal reference forward: tests and benchmarks only
 
 
 def floor_of(module: str):
     """The floor a dotted module name belongs to; None for anything outside the project."""
     parts = module.split(".")
-    if parts[0] == "parallel":
-        return "parallel"
+    if parts[0] in ("parallel", "launch"):
+        return parts[0]
     if parts[0] == "run_inference_distil":
         return "entry"
     if parts[0] != "k4flash":
         return None
-    if len(parts) == 1 or not (ROOT / "k4flash" / f"{parts[1]}.py").exists() and parts[1] not in ("app", "tools"):
+    if len(parts) == 1 or not (ROOT / "k4flash" / f"{parts[1]}.py").exists():
         return "facade"  # `from k4flash import get_T2V_pipeline`: the package root, i.e. the facade
-    return {"app": "app", "tools": "tools"}.get(parts[1], "library")
+    return "library"
 
 
 def module_name(path: Path) -> str:
@@ -78,18 +83,23 @@ def violations(path: Path, source: str = None) -> list:
     out = []
     for target, line, at_top in imported_modules(source, module, path.name == "__init__.py"):
         target_floor = floor_of(target)
-        if target_floor is None or target_floor == floor:
+        if target_floor is None or (target_floor == floor and not target.startswith(REFERENCE)):
             continue
         where = f"{path.relative_to(ROOT)}:{line}"
-        if target_floor not in ALLOWED[floor]:
+        if target == REFERENCE or target.startswith(REFERENCE + "."):
+            out.append(f"{where}: {module} imports the reference forward, which is off the inference path")
+        elif target_floor not in ALLOWED[floor]:
             out.append(f"{where}: {floor} module {module} imports {target} ({target_floor})")
         elif floor == "facade" and target_floor == "parallel" and at_top:
             out.append(f"{where}: the facade imports {target} at module level (it must stay lazy)")
     return out
 
 
+FLOORS = ("k4flash", "parallel", "launch")
+
+
 def project_files():
-    files = sorted((ROOT / "k4flash").rglob("*.py")) + sorted((ROOT / "parallel").rglob("*.py"))
+    files = [p for folder in FLOORS for p in sorted((ROOT / folder).rglob("*.py"))]
     return files + [ROOT / "run_inference_distil.py"]
 
 
@@ -105,11 +115,14 @@ def test_every_project_file_has_a_floor():
 @pytest.mark.parametrize("path, line", [
     ("k4flash/pipeline.py", "from parallel.rank_pipeline import load_rank_pipeline"),
     ("k4flash/pipeline.py", "    import parallel.comm"),  # a lazy import counts too
-    ("k4flash/dit.py", "from .app import cli"),
+    ("k4flash/dit.py", "from launch import cli"),
     ("k4flash/weights.py", "from k4flash import get_T2V_pipeline"),  # the facade routes to parallel/
-    ("k4flash/sampler.py", "from .tools.reference import reference_forward"),
-    ("parallel/plan.py", "from k4flash.tools import reference"),
-    ("parallel/tp.py", "from k4flash.app.cli import run"),
+    ("k4flash/sampler.py", "from .reference import reference_forward"),
+    ("parallel/planner.py", "from k4flash import reference"),
+    ("parallel/tp.py", "from launch.cli import run"),
+    ("parallel/health.py", "    from launch.lifecycle import Terminated"),
+    ("launch/cli.py", "import run_inference_distil"),
+    ("run_inference_distil.py", "from parallel.runtime import init_runtime"),  # the entry sees the app alone
     ("k4flash/__init__.py", "from parallel.rank_pipeline import load_rank_pipeline"),  # must stay lazy
 ])
 def test_a_wrong_way_import_is_caught(path, line):
@@ -119,13 +132,76 @@ def test_a_wrong_way_import_is_caught(path, line):
     assert violations(ROOT / path) == [] and len(violations(ROOT / path, source)) == 1
 
 
+def _is_module(dotted: str) -> bool:
+    if (ROOT / Path(*dotted.split("."))).with_suffix(".py").exists() or (ROOT / Path(*dotted.split("."))).is_dir():
+        return True
+    try:
+        return importlib.util.find_spec(dotted) is not None
+    except (ImportError, ValueError):  # a name inside a module, not a module
+        return False
+
+
+def module_rewirings(source: str, module: str = "parallel.rank_work") -> list:
+    """(line, what) for every place `source` (the module `module`) assigns an attribute of a module it imported
+    (`comm.dist = ...`, `setattr(dit, ...)`, `del mod.x`): one module rewiring another, unseen by its reader."""
+    tree = ast.parse(source)
+    package = module.rpartition(".")[0]
+    modules = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            modules |= {(alias.asname or alias.name).split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[:len(package.split(".")) - (node.level - 1)]
+                base = ".".join(anchor + ([base] if base else []))
+            modules |= {alias.asname or alias.name for alias in node.names if _is_module(f"{base}.{alias.name}")}
+    found = []
+
+    def base_name(target):
+        while isinstance(target, ast.Attribute):
+            target = target.value
+        return target.id if isinstance(target, ast.Name) else None
+
+    for node in ast.walk(tree):
+        targets = []
+        if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign, ast.Delete)):
+            targets = node.targets if isinstance(node, (ast.Assign, ast.Delete)) else [node.target]
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("setattr", "delattr"):
+            if node.args and isinstance(node.args[0], ast.Name) and node.args[0].id in modules:
+                found.append((node.lineno, f"{node.func.id}({node.args[0].id}, ...)"))
+        targets = [t for target in targets for t in (target.elts if isinstance(target, ast.Tuple) else [target])]
+        for target in targets:
+            if isinstance(target, ast.Attribute) and base_name(target) in modules:
+                found.append((node.lineno, ast.unparse(target)))
+    return found
+
+
+def test_no_module_rewires_another():
+    """A product module never assigns attributes of a module it imports: seams are explicit (the DiT's
+    `attention` and `sequence`, comm's backend), so what runs is what the reader of each module sees."""
+    found = [f"{path.relative_to(ROOT)}:{line}: {what}" for path in project_files()
+             for line, what in module_rewirings(path.read_text(), module_name(path))]
+    assert found == [], "\n".join(found)
+
+
+@pytest.mark.parametrize("line", ["comm.dist = None", "    dit.joint_attention = lambda q, k, v: q",
+                                  "setattr(comm, 'all_to_all', None)", "cost.H100_SXM.name = 'x'"])
+def test_a_rewiring_is_caught(line):
+    """Negative control: the counting module with a rewiring of parallel.comm or k4flash.dit added."""
+    source = (ROOT / "parallel" / "rank_work.py").read_text() + "\nfrom k4flash import dit\n"
+    source += f"\n\ndef _added():\n{line}\n" if line.startswith("    ") else f"\n{line}\n"
+    assert module_rewirings((ROOT / "parallel" / "rank_work.py").read_text()) == []
+    assert len(module_rewirings(source)) == 1
+
+
 def test_the_library_runs_without_parallel_and_the_facade_without_torch():
     """At run time too: importing every library module loads no parallel/ module, and `import k4flash`
     (what the app's early checks pay for) loads neither torch nor parallel/."""
     library = [module_name(p) for p in sorted((ROOT / "k4flash").glob("*.py")) if p.name != "__init__.py"]
     code = ("import sys; import k4flash; assert 'torch' not in sys.modules; "
             f"import {', '.join(library)}; "
-            "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'parallel' or m.startswith('k4flash.app')); "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('parallel', 'launch')); "
             "assert not bad, bad; print(len(sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -134,7 +210,7 @@ def test_the_library_runs_without_parallel_and_the_facade_without_torch():
 def test_diffusers_is_imported_only_to_load_a_vae(tiny_weights):
     """diffusers takes seconds to import, paid by every rank of every launch and by the test collection:
     importing the library, parallel/ and the app loads it not at all; loading a VAE does."""
-    modules = [module_name(p) for folder in ("k4flash", "parallel", "k4flash/app")
+    modules = [module_name(p) for folder in FLOORS
                for p in sorted((ROOT / folder).glob("*.py")) if p.name not in ("__init__.py", "__main__.py")]
     code = (f"import sys; import {', '.join(modules)}; assert 'diffusers' not in sys.modules, 'imported'; "
             "import k4flash.vae as v; v.load_vae(sys.argv[1]); "
@@ -147,8 +223,6 @@ def test_diffusers_is_imported_only_to_load_a_vae(tiny_weights):
 def test_code_cites_only_documents_in_the_repo():
     """Every `docs/<name>.md "<Section>"` in code, config and launchers names a real file and heading,
     and nothing cites the spec the docs were written from (it is not in the repo)."""
-    import re
-
     files = [p for pattern in ("*.py", "*.yaml", "*.sh", "*.sbatch") for p in ROOT.rglob(pattern)
              if ".git" not in p.parts and p.name != "test_layers.py"]
     headings = {doc.name: {line.lstrip("#").strip() for line in doc.read_text().splitlines() if line.startswith("#")}
@@ -166,3 +240,24 @@ def test_code_cites_only_documents_in_the_repo():
                 problems.append(f"{path.relative_to(ROOT)} cites docs/{name} \"{section}\", no such heading")
     assert not problems, "\n".join(problems)
     assert cited > 20  # the check saw the citations
+
+
+def missing_from_architecture(readme: str, paths) -> list:
+    """The paths (relative to the checkout) that no row of the README's Architecture table names in its first
+    column, as `path`."""
+    section = readme.split("\n## Architecture\n", 1)[1].split("\n## ", 1)[0]
+    named = set()
+    for row in section.splitlines():
+        if row.startswith("| `"):
+            named |= set(re.findall(r"`([^`]+)`", row.split(" | ")[0]))
+    return sorted(str(p) for p in paths if str(p) not in named)
+
+
+def test_the_readme_architecture_table_names_every_module():
+    """Every Python file of the floors has its line in README "Architecture" (a new module without one fails);
+    negative control: a module the table does not know is reported."""
+    readme = (ROOT / "README.md").read_text()
+    files = [p.relative_to(ROOT) for p in project_files()]
+    assert len(files) > 40
+    assert missing_from_architecture(readme, files) == []
+    assert missing_from_architecture(readme, [*files, Path("parallel/new_module.py")]) == ["parallel/new_module.py"]

@@ -62,8 +62,8 @@ def test_custom_tokenizer_code_in_the_weights_folder_is_not_run(tiny_weights, tm
 
 
 def _calls(name):
-    for path in [*ROOT.glob("k4flash/*.py"), *ROOT.glob("parallel/*.py"), *ROOT.glob("bench/*.py"),
-                 ROOT / "run_inference_distil.py"]:
+    for path in [*ROOT.glob("k4flash/**/*.py"), *ROOT.glob("parallel/**/*.py"), *ROOT.glob("launch/**/*.py"),
+                 *ROOT.glob("bench/**/*.py"), ROOT / "run_inference_distil.py"]:
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == name:
                 yield path, node

@@ -9,12 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from k4flash import cost
+from parallel import cost, counting
 from k4flash.published import PUBLISHED_DIT_PARAMS
 from k4flash.tiny import TINY_DIT_PARAMS
 
 from parity import assert_parity
-from spawn import free_port
+from parallel.spawn import free_port
 
 ENTRY = Path(__file__).resolve().parents[1] / "run_inference_distil.py"
 REQUEST = dict(text="a red square", time_length=0, width=512, height=512, seed=5, progress=False)
@@ -94,14 +94,14 @@ def test_a_batch_with_after_encode_gives_the_batch_without(tmp_path, tiny_cache)
 # --- the memory model -------------------------------------------------------------------------------------------
 
 def test_stored_vae_decode_peaks_are_the_meta_runs():
-    assert cost.vae_decode_peak_bytes(bands=8) * 8 == cost.VAE_DECODE_PEAK["video"]
-    assert cost.vae_decode_peak_bytes((1, 48, 84), bands=8) * 8 == cost.VAE_DECODE_PEAK["image"]
+    assert counting.vae_decode_peak_bytes(bands=8) * 8 == cost.VAE_DECODE_PEAK["video"]
+    assert counting.vae_decode_peak_bytes((1, 48, 84), bands=8) * 8 == cost.VAE_DECODE_PEAK["image"]
     assert cost.scaled_vae_decode_peak(bands=4) == cost.VAE_DECODE_PEAK["video"] / 4
 
 
 def test_live_peak_counts_what_is_alive_at_once():
     x = torch.empty(1000, 1000, device="meta")  # 4 MB, made outside: not counted
-    tracker = cost.LivePeak()
+    tracker = counting.LivePeak()
     with tracker:
         y = x * 2  # 4 MB
         z = y + 1  # 8 MB alive
@@ -113,7 +113,8 @@ def test_live_peak_counts_what_is_alive_at_once():
 
 
 def test_dit_activations_split_with_the_tokens():
-    from parallel.plan import Plan, rank_activation_peak
+    from parallel.plan import Plan
+    from parallel.rank_work import rank_activation_peak
 
     one = rank_activation_peak(PUBLISHED_DIT_PARAMS, Plan())
     assert 2e9 < one < 3e9  # about 2-3 GB at 25k tokens (flash attention: no S x S scores)
@@ -124,7 +125,8 @@ def test_dit_activations_split_with_the_tokens():
 
 
 def test_memory_model_stages_follow_the_offload_and_the_rank():
-    from parallel.plan import Plan, rank_memory
+    from parallel.plan import Plan
+    from parallel.planner import rank_memory
 
     plan = Plan(tp=2)
     none, after, host = (rank_memory(PUBLISHED_DIT_PARAMS, plan, offload) for offload in
@@ -142,7 +144,7 @@ def test_memory_model_stages_follow_the_offload_and_the_rank():
 
 
 def test_the_planner_offloads_t5_only_when_it_must():
-    from parallel.plan import choose_plan
+    from parallel.planner import choose_plan
 
     plan, offload, rows = choose_plan(PUBLISHED_DIT_PARAMS, 1, 80)
     assert (plan.tp, plan.ulysses, offload) == (1, 1, "none")

@@ -13,13 +13,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from k4flash import cost
+from parallel import cost
 from k4flash.dit import DiffusionTransformer3D
 from k4flash.tiny import TINY_DIT_PARAMS, fill_deterministic_
-from parallel.degrees import allowed_ulysses_degrees, validate_plan_degrees, validate_world
+from parallel.plan import allowed_ulysses_degrees, validate_plan_degrees, validate_world
 
 from parity import assert_parity, parity_holds
-from spawn import free_port, run_ranks
+from parallel.spawn import free_port, run_ranks
 
 ENTRY = Path(__file__).resolve().parents[1] / "run_inference_distil.py"
 MID_PARAMS = dict(in_visual_dim=16, in_text_dim=64, out_visual_dim=16, time_dim=128, patch_size=(1, 2, 2),
@@ -93,7 +93,7 @@ def _broken(name):
 def _world_cases(runtime):
     """Every plan of this world size on every input, plus the broken variants; on this rank."""
     from parallel import comm
-    from parallel.plan import measure_rank_work
+    from parallel.rank_work import measure_rank_work
     from parallel.runtime import model_group_meshes
     from parallel.tp import parallelize_dit
 
@@ -195,10 +195,11 @@ def test_collectives_counted_equal_the_cost_model(world, ulysses, tp, sp, name, 
 @pytest.mark.parametrize("world, ulysses, tp, sp", ALL)
 @pytest.mark.parametrize("name", ["video", "mid"])
 def test_meta_count_of_one_rank_equals_the_real_rank(world, ulysses, tp, sp, name, worlds):
-    """The planner's meta-device count (parallel/plan.py) is what the busiest real rank does: FLOPs,
+    """The planner's meta-device count (parallel/rank_work.py) is what the busiest real rank does: FLOPs,
     memory-bound bytes and collectives, exactly. (The first rank is the busiest: the visual tokens
     lead the sequence, and only they go through the output layer.)"""
-    from parallel.plan import Plan, rank_work
+    from parallel.plan import Plan
+    from parallel.rank_work import rank_work
 
     config, latent, text = INPUTS[name]
     counted = rank_work(CONFIGS[config], Plan(tp, ulysses, sp), latent, text, dtype=torch.float32)
@@ -210,7 +211,8 @@ def test_meta_count_of_one_rank_equals_the_real_rank(world, ulysses, tp, sp, nam
 
 
 def test_the_one_rank_count_equals_the_flop_formula_and_the_split_divides_the_work():
-    from parallel.plan import Plan, rank_work
+    from parallel.plan import Plan
+    from parallel.rank_work import rank_work
 
     one = rank_work(MID_PARAMS, Plan(), (3, 16, 24), 37, dtype=torch.float32)
     assert one["flops"] == pytest.approx(cost.dit_flops(MID_PARAMS, (3, 16, 24), 37)["total"], rel=0.01)
@@ -239,12 +241,12 @@ def test_degrees_are_refused_before_loading_with_the_allowed_ones():
 
 
 def test_a_2d_mesh_must_be_named_ulysses_tp():
-    from parallel.tp import plan_coords
+    from parallel.tp import dit_mesh_coords
 
     class Mesh:
         ndim, mesh_dim_names = 2, ("dp", "tp")
     with pytest.raises(ValueError, match=r"mesh_dim_names \('ulysses', 'tp'\), got \('dp', 'tp'\)"):
-        plan_coords(Mesh())
+        dit_mesh_coords(Mesh())
 
 
 def test_shards_put_padding_last_and_count_each_shards_visual_tokens():
@@ -253,10 +255,9 @@ def test_shards_put_padding_last_and_count_each_shards_visual_tokens():
     counts = []
     for index in range(4):
         shards = SequenceShards([(None, index // 2, 2), (None, index % 2, 2)])  # (ulysses, tp): u-major
-        shards.begin(num_visual=72, total=93)
+        part, local_visual = shards.shard(torch.arange(93.0)[None, :, None], num_visual=72)  # the DiT's seam
         assert (shards.count, shards.index, shards.padded, shards.local) == (4, index, 96, 24)
-        counts.append(shards.local_visual)
-        part = shards.split(torch.arange(93.0)[None, :, None])
+        counts.append(local_visual)
         assert part[0, :, 0].tolist() == [float(i) if i < 93 else 0.0 for i in range(24 * index, 24 * index + 24)]
     assert counts == [24, 24, 24, 0]
 

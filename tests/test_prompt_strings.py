@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from k4flash import get_T2V_pipeline
-from k4flash.app.batch import read_prompts_file
+from launch.batch import read_prompts_file
 from k4flash.geometry import validate_request
 from k4flash.tiny import TINY_DIT_PARAMS
 

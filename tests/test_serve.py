@@ -13,7 +13,7 @@ import pytest
 from safetensors.torch import load_file
 
 from parity import assert_parity
-from serve_server import ENTRY, KEY, Server, server_env
+from bench.server import ENTRY, KEY, Server, server_env
 
 IMAGE = dict(prompt="a red square", seconds="0", size="512x512")
 
@@ -157,7 +157,7 @@ def test_sigterm_drains_and_a_restart_keeps_the_record(tmp_path, tiny_cache):
 def test_a_dead_rank_makes_health_503_and_the_job_exit_3(tmp_path, tiny_cache):
     """A frozen rank (SIGSTOP: the launcher sees nothing, as when a node hangs): rank 0's heartbeats miss it,
     /health turns 503, then the verdict ends the job with status 3, naming it."""
-    server = Server(tmp_path, tiny_cache, 2, launcher="k4flash.app.launch")
+    server = Server(tmp_path, tiny_cache, 2, launcher="launch.torchrun")
     frozen = server.ranks()[1]
     os.kill(frozen, signal.SIGSTOP)
     deadline = time.monotonic() + 60

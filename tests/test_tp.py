@@ -11,7 +11,7 @@ from k4flash.tiny import TINY_DIT_PARAMS, tiny_dit_state_dict
 from parallel import allowed_tp_degrees, parallelize_dit, validate_tp_degree
 
 from parity import assert_parity, assert_parity_fails
-from spawn import run_ranks
+from parallel.spawn import run_ranks
 
 # Sharded forwards against one rank: float32 sums in another order
 FORWARD_TOLERANCE = dict(atol=1e-5, rtol=1e-5)

@@ -12,7 +12,7 @@ import torch
 from k4flash.tiny import TINY_DIT_PARAMS, TINY_VAE_CONFIG, fill_deterministic_
 from k4flash.vae import decode_scaled, scaled_latents, to_uint8_frames
 from parity import assert_parity, assert_parity_fails
-from spawn import run_ranks
+from parallel.spawn import run_ranks
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -246,8 +246,8 @@ def test_vae_parallel_config_key_reaches_the_parallel_build(monkeypatch):
     from omegaconf import OmegaConf
 
     import parallel.rank_pipeline
-    from k4flash.app import cli
-    from k4flash.app.config import ModelConfig, RunConfig, VAEConfig
+    from launch.generate import build_pipeline
+    from launch.config import ModelConfig, RunConfig, VAEConfig
     from parallel.runtime import Runtime
 
     assert RunConfig().vae.parallel is True  # on by default (the schema is the one source of defaults)
@@ -255,7 +255,7 @@ def test_vae_parallel_config_key_reaches_the_parallel_build(monkeypatch):
     monkeypatch.setattr(parallel.rank_pipeline, "load_rank_pipeline", lambda device, **kwargs: seen.update(kwargs))
     for value in (True, False):
         cfg = OmegaConf.structured(RunConfig(model=ModelConfig(name="tiny"), vae=VAEConfig(parallel=value)))
-        cli.build_pipeline(cfg, Runtime(world_size=2), torch.float32, Path("weights"))
+        build_pipeline(cfg, Runtime(world_size=2), torch.float32, Path("weights"))
         assert seen["vae_parallel"] is value
 
 

@@ -11,6 +11,7 @@ are put in sys.modules first, because the official code imports them and this ma
 """
 import argparse
 import hashlib
+import importlib.util
 import sys
 import types
 from pathlib import Path
@@ -19,9 +20,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from k4flash.tiny import TINY_DIT_PARAMS, ensure_tiny_weights, tiny_dit_state_dict  # noqa: E402
+from k4flash.tiny import TINY_DIT_PARAMS, ensure_tiny_weights, tiny_dit_state_dict
 
 OFFICIAL_COMMIT = "7506103"  # ai-forever/Kandinsky-4, the commit these numbers come from
 TIMESTEPS = (999, 749, 249)
@@ -68,13 +67,22 @@ def _stand_ins():
                         "torchvision.transforms": torchvision.transforms})
 
 
+def _import_official_package(folder: Path) -> None:
+    """The checkout's `kandinsky` package imported from its folder (its submodules then resolve through it)."""
+    spec = importlib.util.spec_from_file_location("kandinsky", folder / "__init__.py",
+                                                  submodule_search_locations=[str(folder)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["kandinsky"] = module
+    spec.loader.exec_module(module)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--official", type=Path, required=True, help="a checkout of ai-forever/Kandinsky-4")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("official.safetensors"))
     args = parser.parse_args(argv)
     _stand_ins()
-    sys.path.insert(0, str(args.official))
+    _import_official_package(args.official / "kandinsky")
     from diffusers import CogVideoXDDIMScheduler
     from kandinsky.model.dit import DiffusionTransformer3D
     from kandinsky.t2v_pipeline import diffusion_generate_renoise

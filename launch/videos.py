@@ -1,6 +1,6 @@
 """The server's video records and requests: the OpenAI videos shape, validated as the CLI validates, kept on disk.
 
-No torch, no process group: `k4flash/app/serve.py` runs the model and the HTTP routes around these.
+No torch, no process group: `launch/serve.py` runs the model and the HTTP routes around these.
 """
 import json
 import time

@@ -1,6 +1,6 @@
 """torchrun for k4flash jobs: exit with the ranks' documented status, and keep the screen to their error line.
 
-    python -m k4flash.app.launch [torchrun options] run_inference_distil.py [overrides]
+    python -m launch.torchrun [torchrun options] run_inference_distil.py [overrides]
 
 Bare torchrun exits 1 whatever its ranks said and prints its own report of every failed rank
 (a ChildFailedError traceback, ~40 lines, with the ranks it stopped shown as SIGTERM). This is
@@ -16,8 +16,7 @@ import os
 import signal
 import sys
 
-DOCUMENTED = {1: "failed", 2: "bad input", 3: "a rank failed", 130: "interrupted", 143: "terminated"}
-EXIT_DISTRIBUTED = 3
+from parallel.status import DOCUMENTED, ExitStatus
 
 
 def job_status(exit_codes: dict) -> tuple:
@@ -32,11 +31,12 @@ def job_status(exit_codes: dict) -> tuple:
       one line naming the rank.
     - On a node without rank 0 that saw no crash, 0: rank 0's node reports the job.
     """
-    stopped = (-signal.SIGTERM, -signal.SIGINT, 130, 143)
+    stopped = (-signal.SIGTERM, -signal.SIGINT, ExitStatus.INTERRUPTED, ExitStatus.TERMINATED)
     if exit_codes.get(0) in DOCUMENTED:
         return exit_codes[0], None
     crashes = sorted((r, c) for r, c in exit_codes.items() if c not in DOCUMENTED and c not in stopped)
-    causes = sorted((r, c) for r, c in exit_codes.items() if c in (1, 2, EXIT_DISTRIBUTED))
+    causes = sorted((r, c) for r, c in exit_codes.items()
+                    if c in (ExitStatus.PROMPT_FAILED, ExitStatus.BAD_INPUT, ExitStatus.DISTRIBUTED))
     if crashes:
         rank, code = crashes[0]
         try:
@@ -44,13 +44,13 @@ def job_status(exit_codes: dict) -> tuple:
                 f"exited with status {code} (a crash: its output is above)"
         except ValueError:
             how = f"was killed by signal {-code}"
-        return EXIT_DISTRIBUTED, f"rank {rank} {how}"
+        return ExitStatus.DISTRIBUTED, f"rank {rank} {how}"
     if 0 not in exit_codes:
         return 0, None
     if causes:
         return causes[0][1], None
     code = exit_codes[0]  # stopped by a signal: report it as the ranks do
-    return {-signal.SIGINT: 130, -signal.SIGTERM: 143}.get(code, code), None
+    return {-signal.SIGINT: ExitStatus.INTERRUPTED, -signal.SIGTERM: ExitStatus.TERMINATED}.get(code, code), None
 
 
 def _quiet_agent_logs() -> None:

@@ -12,8 +12,8 @@ B = 2·num_blocks transformer blocks. A Linear of `in → out` applied to `t` to
   attention = B · 4·S²·D       [QKᵀ and A·V, 2·S²·head_dim each, over all heads]
 
 Norms, RoPE, softmax and the other elementwise work are not FLOPs here (they are memory
-bound and a few % of the time on a GPU). `count_flops` checks these formulas against
-torch.utils.flop_counter on the real module (tests: real tensors, small config; the
+bound and a few % of the time on a GPU). `count_flops` (parallel/counting.py) checks these
+formulas against torch.utils.flop_counter on the real module (tests: real tensors, small config; the
 benchmark: the published size on the meta device).
 
 Tensor parallel communication per forward (parallel/tp.py): 2 all-reduces per block of
@@ -21,17 +21,12 @@ the (S, D) activations plus one all-gather of every modulation vector. A ring al
 of M bytes sends 2·(k−1)/k·M per rank, an all-gather (k−1)/k of the gathered size.
 
 The VAE decode is counted by running diffusers' AutoencoderKLCogVideoX at its published
-config on the meta device (`vae_decode_counts`): convolution FLOPs from FlopCounterMode,
+config on the meta device (`counting.vae_decode_counts`): convolution FLOPs from FlopCounterMode,
 and the bytes every other (memory-bound) op reads and writes, at 2 bytes per element
 (bf16) and with no fusion. T5-XXL is analytic (`t5_encoder_flops`), checked the same way.
 """
 import math
-import weakref
 from dataclasses import dataclass
-
-import torch
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from k4flash.geometry import latent_shape
 from k4flash.published import (DEFAULT_HEIGHT, DEFAULT_TIME_LENGTH, DEFAULT_WIDTH, NUM_STEPS, PUBLISHED_DIT_PARAMS,
@@ -174,176 +169,6 @@ def t5_encoder_params(d_model=4096, d_ff=10240, num_layers=24, num_heads=64, d_k
     return vocab_size * d_model + num_layers * t5_block_params(d_model, d_ff, num_heads, d_kv) + d_model
 
 
-def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
-def _addmm_inplace_flops(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs):
-    (m, k), n = a_shape, b_shape[1]
-    return 2 * m * n * k
-
-
-def flop_counter() -> FlopCounterMode:
-    """FlopCounterMode that also counts CPU SDPA (torch registers formulas for the CUDA kernels only) and in-place
-    addmm_."""
-    mapping = {torch.ops.aten.addmm_: _addmm_inplace_flops}  # the Ulysses output projection accumulates with it
-    cpu_flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    if cpu_flash is not None:
-        mapping[cpu_flash] = _sdpa_cpu_flops
-    return FlopCounterMode(display=False, custom_mapping=mapping)
-
-
-def count_flops(fn) -> dict:
-    """Run fn() under the flop counter: {total, by_op}. Use real tensors or the meta device."""
-    counter = flop_counter()
-    with counter, torch.no_grad():
-        fn()
-    by_op = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
-    return dict(total=counter.get_total_flops(), by_op=by_op)
-
-
-class MemoryTraffic(TorchDispatchMode):
-    """Bytes each non-view op reads and writes, at `bytes_per_element`, split into convolutions and the rest.
-
-    An upper bound for an unfused implementation: every op's inputs come from HBM and its
-    outputs go back. Works on meta tensors (only shapes are read).
-    """
-
-    def __init__(self, bytes_per_element=2):
-        super().__init__()
-        self.bytes_per_element = bytes_per_element
-        self.conv_bytes = 0
-        self.other_bytes = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if not func.is_view:
-            tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
-            moved = sum(t.numel() for t in tensors) * self.bytes_per_element
-            if func.overloadpacket is torch.ops.aten.convolution:
-                self.conv_bytes += moved
-            else:
-                self.other_bytes += moved
-        return out
-
-
-_MATMUL_OPS = {"mm", "addmm", "addmm_", "bmm", "baddbmm", "matmul", "linear", "convolution"}
-# Allocations, and _unsafe_view: the reshape that follows a copy (the copy is counted), an alias itself.
-_NO_TRAFFIC_OPS = {"empty", "empty_like", "empty_strided", "new_empty", "zeros", "ones", "scalar_tensor",
-                   "_unsafe_view"}
-
-
-class RankWork(TorchDispatchMode):
-    """One rank's memory-bound traffic: bytes each non-matmul, non-view op reads and writes.
-
-    Matmuls and everything inside joint attention (`attention_region`) are compute, counted as
-    FLOPs instead; collectives are communication (c10d ops, and whatever a backend does inside
-    one: wrap its calls with `uncounted`); allocations move nothing. Bytes are numel ×
-    bytes_per_element whatever the dtype (a bf16 run's traffic from an fp32 one).
-    """
-
-    def __init__(self, bytes_per_element=2):
-        super().__init__()
-        self.bytes_per_element = bytes_per_element
-        self.bytes = 0
-        self.skipping = False
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        name = func.overloadpacket.__name__
-        if func.is_view or self.skipping or func.namespace == "c10d" or name in _MATMUL_OPS \
-                or name in _NO_TRAFFIC_OPS or "scaled_dot_product" in name:
-            return out
-        tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
-        self.bytes += sum(t.numel() for t in tensors) * self.bytes_per_element
-        return out
-
-    def uncounted(self, fn):
-        """fn, with nothing it dispatches counted (gloo copies buffers inside a collective; NCCL does not)."""
-        def call(*args, **kwargs):
-            skipping, self.skipping = self.skipping, True
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.skipping = skipping
-        return call
-
-    def attention_region(self):
-        """A context in which the DiT's joint attention counts as compute (its SDPA kernel is one fused op on a
-        GPU; on the meta device SDPA decomposes into bmm and softmax)."""
-        import contextlib
-
-        from k4flash import dit
-
-        @contextlib.contextmanager
-        def region():
-            original = dit.joint_attention
-            dit.joint_attention = self.uncounted(original)
-            try:
-                yield self
-            finally:
-                dit.joint_attention = original
-        return region()
-
-
-class LivePeak(TorchDispatchMode):
-    """The most bytes of tensors alive at once among those the ops under it create (meta tensors work).
-
-    A storage counts from the op that makes it until the last tensor viewing it is freed; storages
-    that existed before (weights, inputs) are not counted. No allocator rounding or caching: a floor
-    for what a device allocator holds.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-        self._storages = {}  # storage key → [bytes, tensors alive that view it]
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage()._cdata for t in torch.utils._pytree.tree_leaves((args, kwargs))
-                  if isinstance(t, torch.Tensor)}
-        for tensor in torch.utils._pytree.tree_leaves(out):
-            if not isinstance(tensor, torch.Tensor):
-                continue
-            key = tensor.untyped_storage()._cdata
-            entry = self._storages.get(key)
-            if entry is None:
-                if key in inputs:  # a view of, or an in-place op on, a tensor made outside
-                    continue
-                entry = self._storages[key] = [tensor.untyped_storage().nbytes(), 0]
-                self.live += entry[0]
-                self.peak = max(self.peak, self.live)
-            entry[1] += 1
-            weakref.finalize(tensor, self._release, key)
-        return out
-
-    def _release(self, key):
-        entry = self._storages[key]
-        entry[1] -= 1
-        if entry[1] == 0:
-            self.live -= entry[0]
-            del self._storages[key]
-
-
-def vae_decode_peak_bytes(latent_fhw=PUBLISHED_LATENT, bands=1, vae=None, dtype=torch.bfloat16) -> int:
-    """Peak bytes of the decode's own tensors on one rank decoding a band of 1/bands of the latent rows.
-
-    Runs diffusers' decoder on the meta device (published config unless `vae`), 2 latent frames per
-    chunk as the pipeline. A band's halo rows (one or two per conv) are left out: a few rows of the
-    band's 8·h/bands.
-    """
-    from .vae import decode_scaled
-
-    vae = (vae if vae is not None else published_vae()).to(dtype)
-    f, h, w = latent_fhw
-    z = torch.empty(1, vae.config.latent_channels, f, h // bands, w, device="meta", dtype=dtype)
-    tracker = LivePeak()
-    with tracker, torch.no_grad():
-        decode_scaled(vae, z)
-    return tracker.peak
-
-
 # AutoencoderKLCogVideoX at its published config: parameters, and vae_decode_counts() at the published
 # geometry (25 latent frames of 48 x 84); tests hold both to a meta-device run.
 VAE_PARAMS = 215_583_907
@@ -373,42 +198,6 @@ def scaled_vae_counts(latent_fhw=PUBLISHED_LATENT) -> dict:
                 frames=(1, 3, 4 * (f - 1) + 1, 8 * h, 8 * w))
 
 
-def published_vae(device="meta"):
-    """CogVideoX's AutoencoderKLCogVideoX at its published size (the class defaults are that config)."""
-    from diffusers import AutoencoderKLCogVideoX
-
-    with torch.device(device):
-        return AutoencoderKLCogVideoX().eval()
-
-
-def vae_decode_counts(latent_fhw=PUBLISHED_LATENT, vae=None, frames_per_chunk=2) -> dict:
-    """Convolution FLOPs and memory traffic of one decode (2 latent frames per chunk, as the pipeline)."""
-    vae = vae if vae is not None else published_vae()
-    device = next(vae.parameters()).device
-    z = torch.empty(1, vae.config.latent_channels, *latent_fhw, device=device)
-    vae.num_latent_frames_batch_size = frames_per_chunk
-    traffic = MemoryTraffic()
-    counter = flop_counter()
-    # The calls a row-parallel decode (parallel/vae.py) turns into collectives: one halo exchange
-    # per conv with a kernel taller than 1 row, one all-reduce per GroupNorm.
-    row_mixing_calls = [0]
-
-    def count_call(module, args):
-        row_mixing_calls[0] += 1
-
-    hooks = [m.register_forward_pre_hook(count_call) for m in vae.decoder.modules()
-             if isinstance(m, torch.nn.GroupNorm)
-             or (isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d)) and m.kernel_size[m.weight.ndim - 4] > 1)]
-    try:
-        with counter, traffic, torch.no_grad():
-            frames = vae.decode(z).sample
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return dict(conv_flops=counter.get_total_flops(), conv_bytes=traffic.conv_bytes,
-                elementwise_bytes=traffic.other_bytes, frames=tuple(frames.shape),
-                row_parallel_collectives=row_mixing_calls[0])
-
 
 def predict(params=None, gpu=H100_SXM, tp=1, mfu=1.0, steps=NUM_STEPS, latent_fhw=PUBLISHED_LATENT,
             text_tokens=TEXT_TOKENS, vae=None, vae_ranks=1, ulysses=1, sequence_parallel=False,
@@ -421,7 +210,7 @@ def predict(params=None, gpu=H100_SXM, tp=1, mfu=1.0, steps=NUM_STEPS, latent_fh
     T5 runs on one GPU and takes the larger of its compute and reading its weights once. The VAE
     adds its elementwise traffic at HBM bandwidth to its convolution time, split over `vae_ranks`
     GPUs by the row-parallel decode (vae.parallel) plus one latency per halo exchange / GroupNorm
-    all-reduce and the uint8 frame gather. `vae`: vae_decode_counts().
+    all-reduce and the uint8 frame gather. `vae`: counting.vae_decode_counts().
     """
     params = params or PUBLISHED_DIT_PARAMS
     ranks = tp * ulysses
@@ -433,7 +222,10 @@ def predict(params=None, gpu=H100_SXM, tp=1, mfu=1.0, steps=NUM_STEPS, latent_fh
     comm_s = comm["wire_bytes"] / gpu.link_bytes_per_s + comm["collectives"] * gpu.collective_latency_s
     t5 = t5_encoder_flops(text_tokens, **T5_XXL)
     t5_s = max(t5["total"] / (gpu.peak_bf16_flops * mfu), 2 * t5_encoder_params(**T5_XXL) / gpu.hbm_bytes_per_s)
-    vae = vae or vae_decode_counts(latent_fhw)
+    if vae is None:
+        from .counting import vae_decode_counts  # the meta-device run (~20 s): only when no counts are given
+
+        vae = vae_decode_counts(latent_fhw)
     vae_s = (vae["conv_flops"] / (gpu.peak_bf16_flops * mfu) + vae["elementwise_bytes"] / gpu.hbm_bytes_per_s) / vae_ranks
     if vae_ranks > 1:
         frame_bytes = math.prod(vae.get("frames", (1,)))  # the bands are gathered as uint8: a byte per value

@@ -1,7 +1,5 @@
-"""Test and benchmark helper: a k4flash server process on loopback, started, waited for, talked to, stopped.
-
-The tests import it as `serve_server`, the benchmarks as `tests.serve_server`.
-"""
+"""A k4flash server process on loopback, started, waited for, talked to, stopped: bench.serve's harness, which
+the server tests use too."""
 import json
 import os
 import signal
@@ -12,10 +10,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-try:
-    from spawn import free_port  # the tests
-except ImportError:
-    from tests.spawn import free_port  # the benchmarks
+from parallel.spawn import free_port
 
 ENTRY = Path(__file__).resolve().parents[1] / "run_inference_distil.py"
 KEY = "test-key"

@@ -1,7 +1,8 @@
-"""Test helper: run a function on N local CPU ranks (gloo) in fresh processes and collect what each returns.
+"""Run a function on N local ranks in fresh processes and collect what each returns: the tests' and the
+benchmarks' multi-rank harness (gloo CPU ranks, or one NCCL rank per GPU).
 
-The tests import it as `spawn`, the benchmarks as `tests.spawn`. Each rank gets one intra-op
-thread, like a rank per core.
+Each rank gets one intra-op thread, like a rank per core, and the launcher's environment
+(MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK) on a free loopback port.
 """
 import os
 import pickle
@@ -24,9 +25,10 @@ def _worker(rank, world, port, fn, args, queue, device, tp):
                       LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
     import torch
     torch.set_num_threads(1)
+    from parallel.plan import Plan
     from parallel.runtime import init_runtime, shutdown_runtime
     try:
-        runtime = init_runtime(device, timeout_s=120, tp=tp)
+        runtime = init_runtime(device, timeout_s=120, plan=Plan.for_world(world, tp))
         # plain pickle copies tensors: torch's shared-memory handles die with the child
         queue.put((rank, pickle.dumps(fn(runtime, *args)), None))
     except BaseException:  # report, don't hang the parent
@@ -38,7 +40,8 @@ def _worker(rank, world, port, fn, args, queue, device, tp):
 def run_ranks(world, fn, *args, timeout=300, device="cpu", tp=None):
     """fn(runtime, *args) on `world` ranks; returns the per-rank results in rank order.
 
-    device="cuda": rank r on cuda:r over NCCL (benchmarks on a GPU node); default gloo CPU ranks.
+    tp: ranks per tensor-parallel group (default: all of them). device="cuda": rank r on cuda:r over NCCL
+    (benchmarks on a GPU node); default gloo CPU ranks.
     """
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()

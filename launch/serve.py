@@ -3,12 +3,10 @@
     torchrun --nproc-per-node 8 run_inference_distil.py mode=serve serve.port=8000
 
 Rank 0 runs the HTTP server (FastAPI on uvicorn, in a thread of its own, so generation never blocks
-it) and a dispatcher thread. Each model group (ulysses × tp ranks) takes one video at a time; data-
-parallel groups work in parallel. Work reaches a group through the launcher's key-value store: the
-dispatcher writes job n of group g under one key, and every rank of the group waits for that key
-outside any collective (an idle server sits in no collective, so no NCCL timeout runs out); the
-group's first rank reports progress and the result the same way. Records and outputs live in
-`serve.output_dir` (k4flash/app/videos.py), which every group's first rank must be able to write.
+it) and the scheduler's thread (launch/scheduler.py). Each model group (ulysses × tp ranks) takes
+one video at a time; data-parallel groups work in parallel. Work, progress and results travel
+through the launcher's store, outside any collective. Records and outputs live in
+`serve.output_dir` (launch/videos.py), which every group's first rank must be able to write.
 
 SIGTERM or Ctrl-C: new work gets 503, the videos in progress finish (within serve.drain_timeout_s)
 and are written, queued ones are marked failed, and every rank exits 0.
@@ -19,143 +17,18 @@ import os
 import signal
 import threading
 import time
-from collections import deque
 from pathlib import Path
+from types import SimpleNamespace
 
 from omegaconf import OmegaConf
 
-from .videos import STOPPED_REASON, RequestError, VideoRecords, new_record, parse_request, public
+from .checks import check_serve, check_weights
+from .lifecycle import on_the_mesh
+from .planning import choose, request_plan
+from .scheduler import Channel, Scheduler
+from .videos import RequestError, VideoRecords, new_record, parse_request, public
 
 log = logging.getLogger("k4flash")
-POLL_S = 0.05  # how often an idle rank looks for work in the store
-
-
-class LocalStore:
-    """The key-value calls the server makes, in one process (no launcher, no store)."""
-
-    def __init__(self):
-        self.data, self.lock = {}, threading.Lock()
-
-    def set(self, key, value):
-        with self.lock:
-            self.data[key] = value if isinstance(value, bytes) else str(value).encode()
-
-    def get(self, key):
-        with self.lock:
-            return self.data[key]
-
-    def check(self, keys):
-        with self.lock:
-            return all(k in self.data for k in keys)
-
-
-class Channel:
-    """Jobs, progress and results between rank 0 and each model group, through the store."""
-
-    def __init__(self, store, prefix: str):
-        self.store, self.prefix = store, prefix
-
-    def _key(self, *parts) -> str:
-        return self.prefix + "serve/" + "/".join(str(p) for p in parts)
-
-    def send_job(self, group: int, n: int, job: dict) -> None:
-        self.store.set(self._key("job", group, n), json.dumps(job))
-
-    def wait_job(self, group: int, n: int) -> dict:
-        key = self._key("job", group, n)
-        while not self.store.check([key]):
-            time.sleep(POLL_S)
-        return json.loads(self.store.get(key))
-
-    def set_progress(self, video_id: str, percent: int) -> None:
-        self.store.set(self._key("progress", video_id), str(percent))
-
-    def progress(self, video_id: str):
-        key = self._key("progress", video_id)
-        return int(self.store.get(key)) if self.store.check([key]) else None
-
-    def send_result(self, video_id: str, result: dict) -> None:
-        self.store.set(self._key("result", video_id), json.dumps(result))
-
-    def result(self, video_id: str):
-        key = self._key("result", video_id)
-        return json.loads(self.store.get(key)) if self.store.check([key]) else None
-
-
-class Scheduler:
-    """Rank 0: the queue, which group does what, and the records (its own thread runs `run`)."""
-
-    def __init__(self, records: VideoRecords, channel: Channel, groups: int, queue_size: int):
-        self.records, self.channel = records, channel
-        self.queue, self.queue_size = deque(), queue_size
-        self.busy = {}  # group → video id
-        self.sent = [0] * groups  # jobs sent per group
-        self.lock = threading.Lock()
-        self.draining = threading.Event()
-        self.done = threading.Event()
-
-    def submit(self, record: dict) -> bool:
-        """Queue a new video; False when the queue is full."""
-        with self.lock:
-            if len(self.queue) >= self.queue_size:
-                return False
-            self.records.save(record)
-            self.queue.append(record["id"])
-            return True
-
-    def cancel(self, video_id: str) -> bool:
-        with self.lock:
-            if video_id in self.busy.values():
-                return False
-            if video_id in self.queue:
-                self.queue.remove(video_id)
-            self.records.delete(video_id)
-            return True
-
-    def progress(self, record: dict) -> dict:
-        if record["status"] == "in_progress":
-            percent = self.channel.progress(record["id"])
-            if percent is not None:
-                return dict(record, progress=percent)
-        return record
-
-    def _collect(self) -> None:
-        for group, video_id in list(self.busy.items()):
-            result = self.channel.result(video_id)
-            if result is not None:
-                self.records.update(video_id, **result)
-                del self.busy[group]
-
-    def _assign(self) -> None:
-        for group in range(len(self.sent)):
-            if group in self.busy or not self.queue:
-                continue
-            video_id = self.queue.popleft()
-            record = self.records.update(video_id, status="in_progress")
-            self.channel.send_job(group, self.sent[group], {"id": video_id, **record["request"]})
-            self.sent[group] += 1
-            self.busy[group] = video_id
-
-    def run(self, drain_timeout_s: float) -> None:
-        """Assign and collect until drained: then finish what runs (within the bound), fail the queue, stop."""
-        deadline = None
-        while True:
-            with self.lock:
-                self._collect()
-                if self.draining.is_set():
-                    deadline = deadline or time.monotonic() + drain_timeout_s
-                    for video_id in self.queue:
-                        self.records.update(video_id, status="failed",
-                                            error={"code": "server_stopped", "message": STOPPED_REASON})
-                    self.queue.clear()
-                    if not self.busy or time.monotonic() > deadline:
-                        for group in range(len(self.sent)):
-                            self.channel.send_job(group, self.sent[group], {"stop": True})
-                        break
-                else:
-                    self._assign()
-            time.sleep(POLL_S)
-        self.done.set()
 
 
 def make_app(scheduler: Scheduler, info: dict, api_key, max_body_bytes: int, defaults: dict, alive):
@@ -345,3 +218,31 @@ def model_info(cfg, runtime, dtype) -> dict:
             "mesh": {"dp": runtime.dp_size, "ulysses": runtime.ulysses_size, "tp": runtime.tp_size,
                      "sequence_parallel": runtime.sequence_parallel, "world_size": runtime.world_size},
             "dtype": str(dtype).replace("torch.", ""), "config": OmegaConf.to_container(cfg.serve)}
+
+
+def serve_from_config(cfg) -> int:
+    """mode=serve: check, load once, serve until SIGTERM / Ctrl-C; returns 0."""
+    # 1. Everything typed, checked before any weights load or process group forms.
+    check_serve(cfg)
+    request = request_plan(cfg)
+    from k4flash.devices import resolve_device, resolve_dtype
+    from parallel.plan import env_world
+
+    device = resolve_device(cfg.device, env_world()[2])
+    dtype = resolve_dtype(cfg.dtype, device)
+    typical = SimpleNamespace(time_length=cfg.time_length, width=cfg.width, height=cfg.height)
+    plan, offload = choose(cfg, request, typical, device)
+    if cfg.text_encoder.offload == "auto":  # a server encodes all day: T5 stays, on the CPU where memory is short
+        offload = "none" if offload == "none" else "cpu"
+    weights_dir = check_weights(cfg)
+
+    def body(runtime, health):
+        from parallel.store import RunStore
+
+        from .generate import build_pipeline
+
+        pipe = build_pipeline(cfg, runtime, dtype, weights_dir, offload)
+        channel = Channel(RunStore.launcher("serve") if runtime.distributed else RunStore.local("serve"))
+        serve(cfg, runtime, pipe, health, channel, model_info(cfg, runtime, dtype))
+        return 0
+    return on_the_mesh(cfg, plan, body, grace_s=cfg.serve.drain_timeout_s + 10)

@@ -170,8 +170,16 @@ def help_text() -> str:
     for name, kind, default, doc in _rows(RunConfig):
         lines.append(f"  {name} ({kind}; default {default}): {doc}")
     lines += ["", "--cfg job --resolve prints the resolved config; --hydra-help lists Hydra's own options."]
-    # string.Template ($) and OmegaConf (${...}) both read the template: keep our text literal.
-    return "\n".join(lines).replace("${", "$${")
+    return _literal_for_hydra("\n".join(lines), keep="$APP_CONFIG_GROUPS")
+
+
+def _literal_for_hydra(text: str, keep: str) -> str:
+    """`text` as Hydra's help template, so that it prints as written but for the placeholder `keep`.
+
+    The template is read twice: by OmegaConf (`${...}` interpolates, `\\${` is a literal one), then by
+    string.Template (`$NAME` substitutes, `$$` is a literal $). A field doc may say `$K4FLASH_API_KEY`.
+    """
+    return text.replace("$", "$$").replace("$" + keep, keep).replace("${", "\\${")
 
 
 def unknown_keys(cfg: DictConfig) -> list:

@@ -1,0 +1,69 @@
+"""The checks table: each figure against its bound, and a failed check for each section that raised."""
+from parallel import cost
+
+# Bounds of the checks. fp32 kernels differ only in summation order: ~1e-6 per attention; the published
+# model stacks 42 blocks over 3,248 tokens, the tiny one 2 over 308, hence the looser GPU bound.
+FP32_KERNEL_REL = {"cuda": 1e-3, "cpu": 1e-4}
+BF16_REL_L2 = 0.1  # bf16 (8-bit mantissa) through every block, against fp32: a few 1e-2 expected
+TP_REL_L2 = 0.05  # the same bf16 maths, summed in another order across ranks
+FAULT_SLACK_S = 30  # after the collective timeout: rank 0's diagnosis and the launcher's teardown
+
+
+def fmt(value):
+    """A value as the checks table prints it: - for None, 3 significant digits for a float."""
+    if isinstance(value, bool) or value is None:
+        return "-" if value is None else str(value)
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+RELATIONS = {"<=": lambda value, bound: value <= bound, ">": lambda value, bound: value > bound,
+             "==": lambda value, bound: value == bound}
+
+
+def check(name, value, relation, bound, applies=True) -> dict:
+    """One row of the checks table; passed is None where the check does not apply to this device or config."""
+    passed = (value is not None and RELATIONS[relation](value, bound)) if applies else None
+    return dict(check=name, value=value, bound=f"{relation} {fmt(bound)}", passed=passed)
+
+
+def check_rows(device, config_name, sections, world, timeout_s, errors=None):
+    """The verdicts; a section that raised (errors: name → its error line) fails, the checks on it are left out."""
+    cuda = device.type == "cuda"
+    published_gpu = cuda and config_name == "published"  # the seed's 11 s and a TP speed-up mean something
+    rows = [check(f"section {name} ran", error, "==", "ok") for name, error in (errors or {}).items()]
+    finite = [r["output_finite"] for r in sections.get("steps") or []]
+    finite += [r["finite"] for r in sections.get("backends") or []]
+    finite += [sections[key][flag] for key, flag in (("vae", "output_finite"), ("sampler", "latents_finite"))
+               if sections.get(key)]
+    rows.append(check("every DiT and VAE output finite", all(finite), "==", True))
+    if sections.get("backends"):
+        fp32, bf16 = sections["backends"]
+        rows += [check(f"fp32 {fp32['kernel']} vs fp32 math: max rel err", fp32["max_rel_err"], "<=",
+                       FP32_KERNEL_REL[device.type]),
+                 check(f"bf16 {bf16['kernel']} vs fp32 math: rel L2 err", bf16["rel_l2_err"], "<=", BF16_REL_L2)]
+    if sections.get("sampler"):
+        sampler = sections["sampler"]
+        warned = sampler["warned_before_loop"] + sampler["warned_in_loop"] + sampler["warned_after_loop"]
+        rows += [check("sampler: host syncs in the step loop (profiler)", sampler["syncs_in_loop"], "==", 0,
+                       applies=cuda),
+                 check("sampler: host syncs in the whole call (profiler; the finite check)", sampler["syncs_total"],
+                       "<=", 1, applies=cuda),
+                 check("sampler: sync warnings in the step loop (sync debug mode)", sampler["warned_in_loop"], "==", 0,
+                       applies=cuda),
+                 check("sampler: sync warnings in the whole call (sync debug mode)", warned, "<=", 1, applies=cuda)]
+    if sections.get("end_to_end"):
+        rows.append(check("end-to-end estimate, best row s", min(r["total_s"] for r in sections["end_to_end"]), "<=",
+                          cost.SEED_CLAIM_S, applies=published_gpu))
+    if sections.get("tp"):
+        sharded = sections["tp"][1]
+        rows += [check(f"tp={world} vs tp=1: rel L2 err", sharded["rel_l2_err"], "<=", TP_REL_L2 if cuda else 1e-5),
+                 check(f"tp={world} speed-up over tp=1", sharded["speedup"], ">", 1.0, applies=published_gpu)]
+    for row in sections.get("faults") or []:
+        rows += [check(f"{row['fault']}: non-zero exit within the cap",
+                       row["exit_status"] not in (0, None) and not row["capped"], "==", True),
+                 check(f"{row['fault']}: one error line, naming rank 1", row["names_culprit"], "==", True),
+                 check(f"{row['fault']}: seconds from the fault to the exit", row["fault_to_exit_s"], "<=",
+                       timeout_s + FAULT_SLACK_S)]
+    return rows

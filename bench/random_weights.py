@@ -1,0 +1,54 @@
+"""The published-size models with random weights, materialised directly on the device that runs them: no
+checkpoint, and no host copy of the weights (5.5 B parameters would be 22 GB in float32)."""
+import math
+
+import torch
+
+from k4flash.dit import DiffusionTransformer3D
+
+
+@torch.no_grad()
+def build_random_dit(params, device, dtype, seed=0):
+    """The DiT materialised directly on `device` in `dtype` with random weights (no host copy of the weights).
+
+    Linear weights ~ N(0, 1/fan_in) so activations keep their scale through the blocks;
+    the modulation layers 10x smaller so the gates stay small; biases 0; norms identity.
+    """
+    with torch.device("meta"):
+        model = DiffusionTransformer3D(**params)
+    model.to_empty(device=device).to(dtype)
+    generator = torch.Generator(device).manual_seed(seed)
+    for name, param in model.named_parameters():
+        if param.ndim == 2:
+            std = 1 / math.sqrt(param.shape[1]) * (0.1 if "modulation" in name else 1.0)
+            param.normal_(0.0, std, generator=generator)
+        elif name.endswith("norm.weight"):
+            param.fill_(1.0)
+        else:
+            param.zero_()
+    model.init_derived_buffers()  # RoPE buffers: computed in float32 on the CPU, then moved
+    return model.to(device).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def build_random_vae(vae_config, device, dtype, seed=0):
+    """AutoencoderKLCogVideoX(**vae_config) (None: the published config) materialised on `device` in `dtype`:
+    built on meta, so no host copy; convolutions ~ N(0, 1/fan_in), GroupNorm scales 1, biases 0, and the last
+    convolution 0.3x so frames use the [-1, 1] range without saturating (as k4flash.tiny does)."""
+    from diffusers import AutoencoderKLCogVideoX
+
+    with torch.device("meta"):
+        vae = AutoencoderKLCogVideoX(**(vae_config or {}))
+    # nn.Module.to, not diffusers' override, which warns about fp32 modules this model does not have.
+    vae = torch.nn.Module.to(vae, dtype).to_empty(device=device)
+    generator = torch.Generator(device).manual_seed(seed)
+    for name, param in vae.named_parameters():
+        if param.ndim >= 2:  # (out, in, *kernel)
+            param.normal_(0.0, 1 / math.sqrt(math.prod(param.shape[1:])), generator=generator)
+        elif name.endswith("weight"):  # the only 1-D weights are GroupNorm scales
+            param.fill_(1.0)
+        else:
+            param.zero_()
+    for param in vae.decoder.conv_out.parameters():
+        param.mul_(0.3)
+    return vae.eval().requires_grad_(False)

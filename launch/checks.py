@@ -1,0 +1,98 @@
+"""Everything a run's config can get wrong, checked once, before any weights load or process group forms.
+
+A failure is a `UsageError` (one line, exit status 2). Nothing here imports torch, transformers or
+diffusers, so bad input is refused in about a second; `check_weights` is the one check that may
+build something (the tiny stand-in's weights, once).
+"""
+import logging
+import os
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from k4flash.geometry import validate_request, validate_seed
+from parallel.plan import env_world
+
+from .batch import Job, read_prompts_file
+from .config import unknown_keys
+
+log = logging.getLogger("k4flash")
+MODES = ("generate", "serve")
+
+
+class UsageError(ValueError):
+    """Bad configuration or input: reported as one line, exit status 2."""
+
+
+def check_config(cfg) -> None:
+    """The keys and the mode: an unknown key however spelled (`+time_lenght=3` too), an unknown mode."""
+    if cfg.mode not in MODES:
+        raise UsageError(f"mode={cfg.mode!r}: allowed values are {list(MODES)}")
+    problems = unknown_keys(cfg)
+    if problems:
+        raise UsageError(problems[0])
+
+
+def check_writable(directory: Path, what: str) -> None:
+    directory = directory.resolve()
+    existing = next(p for p in [directory, *directory.parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise UsageError(f"{what} {directory}: {existing} is not a writable directory")
+
+
+def read_jobs(cfg) -> list:
+    """Every video this run should produce (one, or a prompts file's), each request checked."""
+    defaults = dict(seed=cfg.seed, time_length=cfg.time_length, width=cfg.width, height=cfg.height)
+    validate_seed(cfg.seed)
+    if cfg.prompts_file:
+        jobs = read_prompts_file(cfg.prompts_file, defaults, cfg.output_dir)
+        check_writable(Path(cfg.output_dir), "output_dir")
+        return jobs
+    validate_request(cfg.prompt, cfg.time_length, cfg.height, cfg.width)
+    job = Job(0, cfg.prompt, save_path=Path(cfg.save_path), **defaults)
+    if job.output_path.exists() and not cfg.overwrite:
+        raise UsageError(f"save_path {job.output_path} already exists; pass overwrite=true to replace it")
+    check_writable(job.output_path.parent, "save_path")
+    return [job]
+
+
+def check_serve(cfg) -> None:
+    """mode=serve's settings."""
+    s = cfg.serve
+    if cfg.text_encoder.offload == "after_encode":
+        raise UsageError("text_encoder.offload=after_encode frees T5 after the first prompts; a server needs it for "
+                         "every request: use none, cpu or auto")
+    if isinstance(s.port, bool) or not isinstance(s.port, int) or not 0 < s.port < 65536:
+        raise UsageError(f"serve.port={s.port!r} must be a port number, 1-65535")
+    for name in ("queue_size", "max_body_bytes"):
+        value = s[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UsageError(f"serve.{name}={value!r} must be a positive whole number")
+    if not s.drain_timeout_s > 0:
+        raise UsageError(f"serve.drain_timeout_s={s.drain_timeout_s!r} must be positive")
+    check_writable(Path(s.output_dir), "serve.output_dir")
+
+
+def dit_params(cfg) -> dict:
+    return OmegaConf.to_container(cfg.model.dit_params)
+
+
+def check_weights(cfg) -> Path:
+    """The weights folder, built (tiny) or checked for completeness.
+
+    With downloads allowed and online, missing files are fetched later, on rank 0 only (parallel/fetch.py).
+    Run before the process group forms: transformers writes files on rank 0 only once one exists.
+    """
+    if cfg.model.builtin:
+        from k4flash.tiny import ensure_tiny_weights
+        if env_world()[0] == 0:
+            log.warning("model=%s is an UNTRAINED stand-in built locally: the video is noise, not the prompt. "
+                        "It exercises the real code path; use model=kandinsky4_flash with weights for real videos.",
+                        cfg.model.name)
+        weights_dir = ensure_tiny_weights()
+    else:
+        weights_dir = Path(cfg.weights_dir)
+    if cfg.model.builtin or not cfg.download or os.environ.get("HF_HUB_OFFLINE"):
+        from k4flash.weights import resolve_weight_paths
+        resolve_weight_paths(weights_dir, download=False)
+    return weights_dir

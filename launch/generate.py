@@ -1,0 +1,123 @@
+"""mode=generate: the prompt loop. Load once, then each model group makes its share of the videos and its
+first rank writes them; returns how many prompts failed, summed over the ranks."""
+import logging
+import sys
+import time
+
+from omegaconf import OmegaConf
+
+from .checks import check_weights, dit_params, read_jobs
+from .lifecycle import on_the_mesh
+from .planning import choose, request_plan
+
+log = logging.getLogger("k4flash")
+
+
+def build_pipeline(cfg, runtime, dtype, weights_dir, offload="none"):
+    """This process's pipeline: the library's own in one process, a rank's (parallel/) under a launcher."""
+    # Heavy imports (diffusers, transformers) only past validation.
+    from k4flash.pipeline import load_pipeline
+    from parallel.rank_pipeline import load_rank_pipeline
+
+    kwargs = dict(cache_dir=weights_dir, dtype=dtype, download=cfg.download, dit_params=dit_params(cfg),
+                  compile=cfg.compile, text_encoder_offload=offload)
+    if runtime.distributed:
+        return load_rank_pipeline(runtime.device, runtime=runtime, vae_parallel=cfg.vae.parallel, **kwargs)
+    return load_pipeline(runtime.device, **kwargs)
+
+
+def generate_from_config(cfg) -> int:
+    """Check, choose the plan, load once, generate this rank's share of the jobs; returns how many failed."""
+    # 1. Everything the user typed, checked before any weights load or process group forms.
+    started = time.perf_counter()
+    jobs = read_jobs(cfg)
+    request = request_plan(cfg)
+    from k4flash.devices import resolve_device, resolve_dtype  # torch: only past the checks that need none
+    from parallel.plan import env_world
+
+    device = resolve_device(cfg.device, env_world()[2])
+    dtype = resolve_dtype(cfg.dtype, device)
+    plan, offload = choose(cfg, request, jobs[0], device)
+    batch = bool(cfg.prompts_file)
+    todo = [job for job in jobs if cfg.overwrite or not batch or not job.is_complete()]
+    if len(todo) < len(jobs):
+        log.info("resuming: %d of %d prompts already done in %s", len(jobs) - len(todo), len(jobs), cfg.output_dir)
+    if not todo:  # every rank sees the same files, so every rank stops here together
+        return 0
+    weights_dir = check_weights(cfg)
+
+    # 2. Join the plan's mesh, with heartbeats so that a failure names the rank at fault.
+    def body(runtime, health):
+        failed = _generate(cfg, runtime, dtype, weights_dir, todo, health, offload)
+        if batch and runtime.is_main:
+            done, wall_s = len(todo) - failed, time.perf_counter() - started
+            log.info("batch finished in %.1f s: %d written, %d skipped (already done), %d failed; %.0f videos/hour",
+                     wall_s, done, len(jobs) - len(todo), failed, 3600 * done / wall_s)
+        return failed
+    return on_the_mesh(cfg, plan, body)
+
+
+def _written_log(runtime) -> logging.Logger:
+    """Where 'wrote …' lines go: every output is logged once, by the first rank of the group that wrote it
+    (only rank 0 logs anything else)."""
+    written = logging.getLogger("k4flash.written")
+    if runtime.is_group_main and not runtime.is_main and not written.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter(f"[%(asctime)s][k4flash][INFO] - rank {runtime.rank}: %(message)s"))
+        written.addHandler(handler)
+        written.setLevel(logging.INFO)
+        written.propagate = False
+    return written
+
+
+def _generate(cfg, runtime, dtype, weights_dir, todo, health, offload="none") -> int:
+    # 3. Load T5, DiT, VAE once (the checkpoint is checked before it materialises); with
+    # text_encoder.offload=after_encode the DiT waits until T5 has encoded and is gone.
+    clock = time.perf_counter()
+    pipe = build_pipeline(cfg, runtime, dtype, weights_dir, offload)
+    load_s = time.perf_counter() - clock
+    log.info("loaded %s on %s (%s, %d rank(s): dp %d x ulysses %d x tp %d%s) in %.1f s", cfg.model.name,
+             runtime.device, str(dtype).replace("torch.", ""), runtime.world_size, runtime.dp_size,
+             runtime.ulysses_size, runtime.tp_size, " + sequence parallel" if runtime.sequence_parallel else "", load_s)
+    metadata = {"model": cfg.model.name, "untrained": bool(cfg.model.untrained),
+                "config": OmegaConf.to_container(cfg, resolve=True)}
+    batch = bool(cfg.prompts_file)
+    overwrite = cfg.overwrite or batch  # a batch job still pending may have a stale half: replace it
+    written_log = _written_log(runtime)
+
+    # 4. Each model group takes every dp_size-th job; its first rank decodes and writes. after_encode:
+    # its first rank encodes all of them first, and T5 is freed before the DiT loads.
+    failed = 0
+    mine = todo[runtime.dp_rank::runtime.dp_size]
+    embeds = pipe.encode_prompts([job.prompt for job in mine]) if offload == "after_encode" else [None] * len(mine)
+    for job, text_embed in zip(mine, embeds):
+        if health is not None:
+            health.mark(f"prompt {job.index}")
+        try:
+            generation = pipe.generate(job.prompt, job.time_length, job.width, job.height, job.seed,
+                                       progress=cfg.progress, text_embed=text_embed)
+        except FloatingPointError as err:  # non-finite latents: every rank of the group has the same ones
+            if not batch:
+                raise
+            failed += _prompt_failed(job, err)
+            continue
+        # Anything else raised in generate() fails the run: on a TP group one rank may have raised between
+        # collectives that its peers are still in, and its next collective would pair with theirs.
+        if pipe.is_group_main:
+            try:  # after every collective of the prompt: a failure here is this prompt's alone
+                generation.timings["load_s"] = load_s
+                written = pipe.write_outputs(generation, job.save_path, save_latents=cfg.save_latents,
+                                             overwrite=overwrite, extra_metadata={**metadata, "index": job.index})
+                written_log.info("wrote %s (%s)", written,
+                                 ", ".join(f"{k} {v:.2f}" for k, v in generation.timings.items()))
+            except (OSError, ValueError) as err:  # one unwritable output must not sink the batch
+                if not batch:
+                    raise
+                failed += _prompt_failed(job, err)
+    failed = failed if pipe.is_group_main else 0
+    return health.total(failed) if health is not None else failed
+
+
+def _prompt_failed(job, err) -> int:
+    log.error("prompt %d (%.60r) failed: %s: %s", job.index, job.prompt, type(err).__name__, err)
+    return 1
