@@ -25,7 +25,8 @@ def server_env(tiny_cache):
 class Server:
     """A server process on loopback: started, waited for, talked to, stopped."""
 
-    def __init__(self, cwd, tiny_cache, world, *overrides, launcher="torch.distributed.run", model="tiny"):
+    def __init__(self, cwd, tiny_cache, world, *overrides, launcher="torch.distributed.run", model="tiny", env=None):
+        """env: more environment variables for the server (the rest: server_env's)."""
         self.port, self.master_port, self.world = free_port(), free_port(), world
         self.output_dir = Path(cwd) / "served"
         command = [sys.executable, "-m", launcher, "--nproc-per-node", str(world), "--master-port",
@@ -34,7 +35,7 @@ class Server:
         self.process = subprocess.Popen(
             [*command, f"model={model}", "mode=serve", f"serve.port={self.port}", f"serve.output_dir={self.output_dir}",
              "serve.save_latents=true", "progress=false", *overrides],
-            cwd=cwd, env=server_env(tiny_cache), stdout=self.log, stderr=subprocess.STDOUT)
+            cwd=cwd, env={**server_env(tiny_cache), **(env or {})}, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 240
         while self.status("/health")[0] != 200:
             assert self.process.poll() is None, self.output()
@@ -71,10 +72,10 @@ class Server:
         import openai
         return openai.OpenAI(api_key=KEY, base_url=f"http://127.0.0.1:{self.port}/v1", max_retries=0)
 
-    def wait(self, video_id, statuses=("completed", "failed"), timeout=120):
+    def wait(self, video_id, statuses=("completed", "failed"), timeout=120, key=KEY):
         deadline = time.monotonic() + timeout
         while True:
-            status, body = self.status(f"/v1/videos/{video_id}")
+            status, body = self.status(f"/v1/videos/{video_id}", key=key)
             record = json.loads(body)
             if record["status"] in statuses:
                 return record

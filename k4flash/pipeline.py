@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from .devices import normalize_device_map, resolve_dtype, synchronize
 from .geometry import FPS, latent_shape, num_latent_frames, validate_offload, validate_request, validate_resolution
+from .output_paths import derived_path, media_path, output_files
 from .outputs import frames_to_pil, write_json_atomic, write_mp4, write_png, write_safetensors_atomic
 from .published import PUBLISHED_DIT_PARAMS, TEXT_TOKENS
 from .sampler import Schedule, load_schedule, sample
@@ -62,12 +63,6 @@ class Role:
         from .vae import decode_latents
 
         return functools.partial(decode_latents, vae)
-
-
-def derived_path(save_path, suffix) -> Path:
-    """`video.mp4` → `video<suffix>` (e.g. `.json`, `.latents.safetensors`)."""
-    save_path = Path(save_path)
-    return save_path.with_name(save_path.stem + suffix)
 
 
 @dataclass
@@ -214,11 +209,10 @@ class Kandinsky4T2VPipeline:
         Returns the path of the video (or image) written.
         """
         clock = time.perf_counter()
-        save_path = Path(save_path)
+        save_path = media_path(save_path, generation.request["time_length"])
         frames = generation.frames
         # Video, then latents, then the sidecar: the sidecar marks a finished output (batch resume).
         if generation.request["time_length"] == 0:
-            save_path = save_path.with_suffix(".png")
             write_png(save_path, frames[0], overwrite=overwrite)
         else:
             write_mp4(save_path, frames, fps=FPS, overwrite=overwrite)
@@ -244,13 +238,15 @@ class Kandinsky4T2VPipeline:
         frames as PIL images when `return_frames=True` or `time_length=0` (a one-image list; nothing is
         written, as in the official code: the CLI, which returns nothing, writes `<stem>.png` instead).
 
-        An existing `save_path` is kept and FileExistsError raised unless `overwrite=True`, as in the CLI;
-        the check runs before any work."""
+        An existing output (`save_path`, its sidecar, its latents when asked for) is kept and FileExistsError
+        raised unless `overwrite=True`, as in the CLI; the check runs before any work."""
         if bs != 1:
             raise ValueError(f"bs={bs} is not supported; the distilled pipeline generates one video per call (bs=1)")
         writes = not (return_frames or time_length == 0)
-        if writes and not overwrite and Path(save_path).exists():
-            raise FileExistsError(f"save_path {save_path} already exists; pass overwrite=True to replace it")
+        existing = [p for p in output_files(save_path, time_length, save_latents) if p.exists()] if writes else []
+        if existing and not overwrite:
+            raise FileExistsError(f"{existing[0]} already exists (an output of save_path {save_path}); pass "
+                                  "overwrite=True to replace it")
         generation = self.generate(text, time_length, width, height, seed, progress)
         if not self.is_group_main:
             return None

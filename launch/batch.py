@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from k4flash.geometry import validate_request, validate_seed
+from k4flash.output_paths import derived_path, media_path
 
 JSONL_FIELDS = {"prompt", "seed", "time_length", "width", "height"}
 SLUG_CHARS = 48
@@ -28,11 +29,11 @@ class Job:
 
     @property
     def output_path(self) -> Path:
-        return self.save_path.with_suffix(".png") if self.time_length == 0 else self.save_path
+        return media_path(self.save_path, self.time_length)
 
     @property
     def sidecar_path(self) -> Path:
-        return self.output_path.with_suffix(".json")
+        return derived_path(self.output_path, ".json")
 
     def is_complete(self) -> bool:
         # The sidecar is written (atomically) after the video: both present = finished.

@@ -11,6 +11,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from k4flash.geometry import validate_request, validate_seed
+from k4flash.output_paths import output_files
 from parallel.plan import env_world
 
 from .batch import Job, read_prompts_file
@@ -50,8 +51,10 @@ def read_jobs(cfg) -> list:
         return jobs
     validate_request(cfg.prompt, cfg.time_length, cfg.height, cfg.width)
     job = Job(0, cfg.prompt, save_path=Path(cfg.save_path), **defaults)
-    if job.output_path.exists() and not cfg.overwrite:
-        raise UsageError(f"save_path {job.output_path} already exists; pass overwrite=true to replace it")
+    existing = [p for p in output_files(job.save_path, job.time_length, cfg.save_latents) if p.exists()]
+    if existing and not cfg.overwrite:  # every file the run would write, not only the video: nothing half-written
+        raise UsageError(f"{existing[0]} already exists (an output of save_path {job.save_path}); pass "
+                         "overwrite=true to replace it")
     check_writable(job.output_path.parent, "save_path")
     return [job]
 
@@ -71,6 +74,26 @@ def check_serve(cfg) -> None:
     if not s.drain_timeout_s > 0:
         raise UsageError(f"serve.drain_timeout_s={s.drain_timeout_s!r} must be positive")
     check_writable(Path(s.output_dir), "serve.output_dir")
+    if env_world()[0] == 0:  # rank 0 listens
+        check_listen(s.host, s.port)
+
+
+def check_listen(host: str, port: int) -> None:
+    """That the server can listen on host:port, found now rather than after minutes of loading: bound and
+    released at once, with SO_REUSEADDR as uvicorn binds (a port in TIME_WAIT is free, one with a listener not)."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as err:
+        raise UsageError(f"serve.host={host!r} is not an address this machine can resolve ({err})") from None
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as err:
+            raise UsageError(f"serve.port={port} on serve.host={host}: cannot listen there ({err.strerror}); "
+                             "choose a free port, or an address of this machine") from None
 
 
 def dit_params(cfg) -> dict:

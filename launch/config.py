@@ -182,6 +182,22 @@ def _literal_for_hydra(text: str, keep: str) -> str:
     return text.replace("$", "$$").replace("$" + keep, keep).replace("${", "\\${")
 
 
+SECRETS = ("serve.api_key",)  # keys whose value no output, response or log line shows
+
+
+def shown_config(cfg: DictConfig) -> dict:
+    """The resolved config as a sidecar or a response may show it: each secret that is set reads "<hidden>"."""
+    shown = OmegaConf.to_container(cfg, resolve=True)
+    for dotted in SECRETS:
+        *parents, name = dotted.split(".")
+        node = shown
+        for parent in parents:
+            node = node.get(parent) or {}
+        if node.get(name) is not None:
+            node[name] = "<hidden>"
+    return shown
+
+
 def unknown_keys(cfg: DictConfig) -> list:
     """Keys of a composed run config that the schema does not have, as one-line messages (Hydra's own
     check misses keys added with a `+` prefix)."""

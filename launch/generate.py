@@ -4,9 +4,8 @@ import logging
 import sys
 import time
 
-from omegaconf import OmegaConf
-
 from .checks import check_weights, dit_params, read_jobs
+from .config import shown_config
 from .lifecycle import on_the_mesh
 from .planning import choose, request_plan
 
@@ -79,8 +78,7 @@ def _generate(cfg, runtime, dtype, weights_dir, todo, health, offload="none") ->
     log.info("loaded %s on %s (%s, %d rank(s): dp %d x ulysses %d x tp %d%s) in %.1f s", cfg.model.name,
              runtime.device, str(dtype).replace("torch.", ""), runtime.world_size, runtime.dp_size,
              runtime.ulysses_size, runtime.tp_size, " + sequence parallel" if runtime.sequence_parallel else "", load_s)
-    metadata = {"model": cfg.model.name, "untrained": bool(cfg.model.untrained),
-                "config": OmegaConf.to_container(cfg, resolve=True)}
+    metadata = {"model": cfg.model.name, "untrained": bool(cfg.model.untrained), "config": shown_config(cfg)}
     batch = bool(cfg.prompts_file)
     overwrite = cfg.overwrite or batch  # a batch job still pending may have a stale half: replace it
     written_log = _written_log(runtime)

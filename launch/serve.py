@@ -20,9 +20,8 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from omegaconf import OmegaConf
-
-from .checks import check_serve, check_weights
+from .checks import UsageError, check_serve, check_weights
+from .config import shown_config
 from .lifecycle import on_the_mesh
 from .planning import choose, request_plan
 from .scheduler import Channel, Scheduler
@@ -138,8 +137,9 @@ def _serve_http(app, host: str, port: int):
     thread.start()
     while not server.started and thread.is_alive():
         time.sleep(0.02)
-    if not server.started:
-        raise OSError(f"could not serve on {host}:{port} (in use, or not an address of this machine)")
+    if not server.started:  # taken since check_listen looked
+        raise UsageError(f"serve.port={port} on serve.host={host}: could not listen there (in use, or not an "
+                         "address of this machine)")
     return server, thread
 
 
@@ -214,10 +214,11 @@ def serve(cfg, runtime, pipe, health, channel: Channel, model_info: dict) -> Non
 
 
 def model_info(cfg, runtime, dtype) -> dict:
+    """What GET /v1/models says of the model: its mesh, dtype and serve settings, a secret shown as set or not."""
     return {"id": cfg.model.name, "object": "model", "created": int(time.time()), "owned_by": "k4flash",
             "mesh": {"dp": runtime.dp_size, "ulysses": runtime.ulysses_size, "tp": runtime.tp_size,
                      "sequence_parallel": runtime.sequence_parallel, "world_size": runtime.world_size},
-            "dtype": str(dtype).replace("torch.", ""), "config": OmegaConf.to_container(cfg.serve)}
+            "dtype": str(dtype).replace("torch.", ""), "config": shown_config(cfg)["serve"]}
 
 
 def serve_from_config(cfg) -> int:

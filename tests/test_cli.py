@@ -118,3 +118,23 @@ def test_help_template_keeps_any_dollar_text_literal(doc):
     assert render(_literal_for_hydra(text, keep="$APP_CONFIG_GROUPS")) == f"groups: G; {doc}"
     with pytest.raises(Exception):
         assert render(text) == f"groups: G; {doc}"
+
+
+@pytest.mark.parametrize("existing, overrides", [
+    ("demo.json", ["time_length=0"]),  # the sidecar of the image the run would write
+    ("demo.png", ["time_length=0"]),  # the image itself (save_path names the .mp4)
+    ("demo.latents.safetensors", ["time_length=1", "save_latents=true"]),
+    ("demo.json", ["time_length=1"]),  # a video's sidecar
+])
+def test_every_output_a_run_would_write_is_refused_before_anything_loads(tmp_path, tiny_cache, existing, overrides):
+    """Not only the video: an existing sidecar or latents file is refused up front too (exit 2, one line naming
+    it), so no weights load, nothing is half-written and the user's file is untouched."""
+    (tmp_path / existing).write_text('{"mine": 1}')
+    result = run_cli(tmp_path, tiny_cache, "model=tiny", "width=512", "height=512", "save_path=demo.mp4",
+                     "progress=false", *overrides)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr[-2000:]
+    assert f"{existing} already exists" in errors[0] and "overwrite=true" in errors[0]
+    assert "loaded tiny" not in result.stdout + result.stderr  # refused before loading
+    assert sorted(p.name for p in tmp_path.iterdir()) == [existing]
+    assert (tmp_path / existing).read_text() == '{"mine": 1}'

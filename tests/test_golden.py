@@ -4,6 +4,7 @@ The official DiT and renoise loop ran on the tiny published-layout weights; only
 committed (tests/golden/official.safetensors). A change to the tiny-weights builder makes these fail
 loudly (the golden numbers belong to the old weights), never silently regenerate.
 """
+import math
 from pathlib import Path
 
 import pytest
@@ -15,9 +16,31 @@ from k4flash.dit import DiffusionTransformer3D
 from k4flash.sampler import load_schedule, sample
 from k4flash.tiny import TINY_DIT_PARAMS, ensure_tiny_weights, tiny_dit_state_dict
 
-from parity import assert_parity
+from parity import assert_parity, parity_holds
 
 GOLDEN = Path(__file__).parent / "golden" / "official.safetensors"
+UNIT_ROUNDOFF = 2.0 ** -24  # float32
+
+
+def reordering_bound(chained_terms: int) -> float:
+    """How far two float32 computations of the same math may differ, relative to the output's largest magnitude,
+    when their kernels sum in different orders (another CPU, another library build).
+
+    A sum of K terms taken in another order moves by about sqrt(K)·u (rounding errors of either sign; K·u at
+    worst), u = 2^-24; along a network the sums chain, so about sqrt(ΣK)·u for an output whose sums add to ΣK
+    terms. The bound is 4x that typical figure: any float32 machine stays inside it, and a real change (a bf16
+    rounding, 2^-9 ≈ 2e-3; a changed input) lands far outside (each golden check's negative control shows one).
+    """
+    return 4 * math.sqrt(chained_terms) * UNIT_ROUNDOFF
+
+
+# Terms summed per output along each network (the tiny configs, k4flash/tiny.py):
+# DiT, per block (2 blocks): QKV 128, q·k 16, attention over 72 + 20 tokens 92, output 128, MLP 128 + 256 = 748,
+# plus the embeddings and modulation (text 32, patches 64, time 32, out layer 128): 2 · 748 + 256 ≈ 1,750 → 1.0e-5.
+DIT_ROUNDING = reordering_bound(1750)
+# T5, per layer (2 layers): q, k, v 32, q·k 8, attention over 224 tokens, output 32, gated MLP 32 + 64 = 392 → 6.7e-6
+# (seen: 0 here; 5.8e-7 on another AMD EPYC, whose kernels differ).
+T5_ROUNDING = reordering_bound(2 * 392)
 
 
 def assert_same_trajectory(got, expected):
@@ -59,7 +82,13 @@ def test_dit_equals_the_official_dit(golden, dit, timestep):
     with torch.no_grad():
         got = dit(tensors["x"][None], tensors["text_embed"][None], torch.tensor([float(timestep)]))[0]
     assert expected.abs().max() > 1
-    assert_parity(got, expected, atol=1e-5 * expected.abs().max().item(), what=f"velocity at t={timestep}")
+    atol = DIT_ROUNDING * expected.abs().max().item()
+    assert_parity(got, expected, atol=atol, what=f"velocity at t={timestep}")
+    # Negative control: the same output with its inputs rounded to bf16 (a real precision change) fails.
+    with torch.no_grad():
+        rounded = dit(tensors["x"][None].bfloat16().float(), tensors["text_embed"][None].bfloat16().float(),
+                      torch.tensor([float(timestep)]))[0]
+    assert not parity_holds(rounded, expected, atol=atol)
 
 
 def test_sampler_equals_the_official_renoise_loop(golden, dit):
@@ -88,9 +117,12 @@ def test_prompt_to_frame_matches_the_official_flow(golden, dit):
     tensors, metadata = golden
     weights = ensure_tiny_weights()
     prompt, seed = metadata["prompt"], int(metadata["prompt_seed"])
-    # T5: the official embedder's hidden states, exactly (no mask, 224 tokens, the same tokenizer).
+    # T5: the official embedder's hidden states (no mask, 224 tokens, the same tokenizer), to float32 rounding;
+    # negative control: the same embedding rounded to bf16 fails that bound.
     embed = T5TextEncoder(weights / "text_encoder", weights / "tokenizer")([prompt])[0]
-    assert_parity(embed, tensors["prompt_embed"], atol=0, what="T5 embedding")
+    atol = T5_ROUNDING * tensors["prompt_embed"].abs().max().item()
+    assert_parity(embed, tensors["prompt_embed"], atol=atol, what="T5 embedding")
+    assert not parity_holds(embed.bfloat16().float(), tensors["prompt_embed"], atol=atol)
     # The sampler from that embedding, the DiT's inputs rounded to bf16 as the official loop does.
     text = embed.to(torch.bfloat16).float()[None]
     schedule = load_schedule(weights / "scheduler")

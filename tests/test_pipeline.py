@@ -127,7 +127,7 @@ def test_the_api_keeps_an_existing_video_like_the_cli_and_checks_before_work(pip
     target = tmp_path / "mine.mp4"
     target.write_bytes(b"the user's own video")
     monkeypatch.setattr(pipe, "generate", lambda *a, **k: pytest.fail("work started before the check"))
-    with pytest.raises(FileExistsError, match=r"mine\.mp4 already exists; pass overwrite=True"):
+    with pytest.raises(FileExistsError, match=r"mine\.mp4 already exists .*pass overwrite=True"):
         pipe(text=PROMPT, save_path=str(target), time_length=1, width=512, height=512, seed=1)
     assert target.read_bytes() == b"the user's own video"
     monkeypatch.undo()
@@ -143,3 +143,13 @@ def test_get_tiny_pipeline_is_one_call(tiny_cache, monkeypatch):
     tiny = get_tiny_pipeline("cpu")
     assert tiny.dit.transformer_blocks[0][0].feed_forward.in_layer.out_features == TINY_DIT_PARAMS["ff_dim"]
     assert tiny(text=PROMPT, time_length=0, width=512, height=512, seed=1)[0].size == (512, 512)
+
+
+@pytest.mark.parametrize("existing, kwargs", [("mine.json", {}), ("mine.latents.safetensors", {"save_latents": True})])
+def test_the_calls_existing_sidecar_or_latents_are_refused_before_any_work(pipe, tmp_path, monkeypatch, existing,
+                                                                            kwargs):
+    (tmp_path / existing).write_text("keep")
+    monkeypatch.setattr(pipe, "generate", lambda *a, **k: pytest.fail("work started before the check"))
+    with pytest.raises(FileExistsError, match=rf"{existing} already exists .*pass overwrite=True"):
+        pipe("a red square", save_path=tmp_path / "mine.mp4", time_length=1, width=512, height=512, seed=1, **kwargs)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [existing]

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
@@ -101,8 +102,10 @@ def test_keys_ids_and_unfinished_videos(tp2):
     assert tp2.status(f"/v1/videos/{video_id}/content")[0] == 409
     record = tp2.wait(video_id)
     assert record["status"] == "completed" and tp2.status(f"/v1/videos/{video_id}/content")[0] == 200
-    models = json.loads(tp2.status("/v1/models")[1])["data"][0]
+    models_body = tp2.status("/v1/models")[1]
+    models = json.loads(models_body)["data"][0]
     assert models["id"] == "tiny" and models["mesh"]["tp"] == 2 and models["dtype"] == "float32"
+    assert models["config"]["api_key"] == "<hidden>" and KEY.encode() not in models_body  # set, and never echoed
     assert tp2.request("DELETE", f"/v1/videos/{video_id}")[0] == 200
     assert tp2.status(f"/v1/videos/{video_id}")[0] == 404 and not list(tp2.output_dir.glob(f"{video_id}*"))
 
@@ -169,3 +172,42 @@ def test_a_dead_rank_makes_health_503_and_the_job_exit_3(tmp_path, tiny_cache):
     assert server.process.wait(timeout=60) == 3, server.output()
     assert "error: distributed run failed: rank 1 died or froze" in server.output()
     assert saw_503  # between the missed heartbeats and the verdict, /health said so
+
+
+def test_a_busy_port_is_refused_before_anything_loads(tmp_path, tiny_cache):
+    """serve.port taken by another process: exit 2 with one error line naming it, before any weights load (it
+    used to load the whole model, then die with a traceback)."""
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        clock = time.monotonic()
+        result = subprocess.run([sys.executable, str(ENTRY), "model=tiny", "mode=serve", f"serve.port={port}",
+                                 f"serve.output_dir={tmp_path / 'served'}"], cwd=tmp_path, env=server_env(tiny_cache),
+                                capture_output=True, text=True, timeout=120)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr[-2000:]
+    assert f"serve.port={port} on serve.host=127.0.0.1: cannot listen there" in errors[0]
+    assert "Traceback" not in result.stderr and "loaded" not in result.stdout + result.stderr
+    assert time.monotonic() - clock < 60
+
+
+def test_the_environment_key_is_required_and_never_shown(tmp_path, tiny_cache):
+    """$K4FLASH_API_KEY (no serve.api_key): every route but /health needs it, and no response or log line shows
+    it."""
+    secret = "env-secret-key"
+    server = Server(tmp_path, tiny_cache, 1, env={"K4FLASH_API_KEY": secret})
+    try:
+        assert server.status("/v1/videos", key=None)[0] == 401 and server.status("/v1/videos", key="wrong")[0] == 401
+        assert server.status("/health", key=None)[0] == 200
+        status, body = server.status("/v1/models", key=secret)
+        assert status == 200 and secret.encode() not in body
+        status, body, _ = server.request("POST", "/v1/videos", dict(IMAGE, seed=5), key=secret)
+        record = server.wait(json.loads(body)["id"], key=secret)
+        assert record["status"] == "completed" and secret.encode() not in json.dumps(record).encode()
+    finally:
+        assert server.stop() == 0
+    assert secret not in Path(server.log.name).read_text()  # the whole log (the server has closed it)
+    assert not [p for p in server.output_dir.iterdir() if secret.encode() in p.read_bytes()]
