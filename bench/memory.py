@@ -217,7 +217,8 @@ def main(argv=None):
         for tp, offload in runs:
             try:
                 per_rank = [in_fresh_process(_single, str(root), args.size, offload)] if tp == 1 else \
-                    run_ranks(tp, _rank_run, str(root), args.size, offload, tp=tp, timeout=3600)
+                    run_ranks(tp, _rank_run, str(root), args.size, offload, tp=tp, timeout=3600,
+                              start_method="spawn")
             except Exception as err:  # e.g. the kernel's OOM killer: report the run, go on with the next
                 report.note(f"tp={tp} {offload}: failed: {str(err).splitlines()[0]}")
                 continue

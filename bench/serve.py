@@ -49,7 +49,7 @@ def _client(server, jobs, results, lock, request):
         done = time.perf_counter()
         first_byte = None
         if record["status"] == "completed":
-            url = f"http://127.0.0.1:{server.port}/v1/videos/{video_id}/content"
+            url = f"http://{server.host}:{server.port}/v1/videos/{video_id}/content"
             clock = time.perf_counter()
             with urllib.request.urlopen(url, timeout=60) as response:
                 response.read(1)

@@ -25,16 +25,18 @@ def server_env(tiny_cache):
 class Server:
     """A server process on loopback: started, waited for, talked to, stopped."""
 
-    def __init__(self, cwd, tiny_cache, world, *overrides, launcher="torch.distributed.run", model="tiny", env=None):
-        """env: more environment variables for the server (the rest: server_env's)."""
-        self.port, self.master_port, self.world = free_port(), free_port(), world
+    def __init__(self, cwd, tiny_cache, world, *overrides, launcher="torch.distributed.run", model="tiny", env=None,
+                 host="127.0.0.1"):
+        """env: more environment variables for the server (the rest: server_env's); host: its serve.host (a
+        loopback address)."""
+        self.port, self.master_port, self.world, self.host = free_port(), free_port(), world, host
         self.output_dir = Path(cwd) / "served"
         command = [sys.executable, "-m", launcher, "--nproc-per-node", str(world), "--master-port",
                    str(self.master_port), str(ENTRY)] if world > 1 else [sys.executable, str(ENTRY)]
         self.log = open(Path(cwd) / f"server-{self.port}.log", "w+")
         self.process = subprocess.Popen(
-            [*command, f"model={model}", "mode=serve", f"serve.port={self.port}", f"serve.output_dir={self.output_dir}",
-             "serve.save_latents=true", "progress=false", *overrides],
+            [*command, f"model={model}", "mode=serve", f"serve.host={host}", f"serve.port={self.port}",
+             f"serve.output_dir={self.output_dir}", "serve.save_latents=true", "progress=false", *overrides],
             cwd=cwd, env={**server_env(tiny_cache), **(env or {})}, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 240
         while self.status("/health")[0] != 200:
@@ -54,7 +56,7 @@ class Server:
             headers.setdefault("Content-Type", "application/json")
         if key:
             headers["Authorization"] = f"Bearer {key}"
-        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data, method=method,
+        request = urllib.request.Request(f"http://{self.host}:{self.port}{path}", data=data, method=method,
                                          headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=30) as response:
@@ -70,7 +72,7 @@ class Server:
 
     def client(self):
         import openai
-        return openai.OpenAI(api_key=KEY, base_url=f"http://127.0.0.1:{self.port}/v1", max_retries=0)
+        return openai.OpenAI(api_key=KEY, base_url=f"http://{self.host}:{self.port}/v1", max_retries=0)
 
     def wait(self, video_id, statuses=("completed", "failed"), timeout=120, key=KEY):
         deadline = time.monotonic() + timeout

@@ -169,7 +169,7 @@ def main(argv=None):
         for degree in sorted(set(args.degrees) - {1}):
             plans = {name: PLANS[name](degree) for name in args.plans if PLANS[name](degree) is not None}
             per_rank = run_ranks(degree, _rank_bench, args.config, str(checkpoint), args.repeats, args.compile, plans,
-                                 device=args.device, tp=degree)
+                                 device=args.device, tp=degree, start_method="spawn")
             rows += [_row(name, degree, [r[name] for r in per_rank], base) for name in plans]
     report.table("DiT forward per plan: work per rank counted, time measured", [
         ("plan", "plan", None), ("ranks", "ranks", None),

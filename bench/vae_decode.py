@@ -95,7 +95,7 @@ def main(argv=None):
     for ranks in args.ranks:
         # 1 rank in a fresh process too, so its RSS figure is comparable.
         per_rank = [in_fresh_process(_one_rank_bench, args.config, args.repeats)] if ranks == 1 else run_ranks(
-            ranks, _rank_bench, args.config, args.repeats, timeout=1800)
+            ranks, _rank_bench, args.config, args.repeats, timeout=1800, start_method="spawn")
         frames = per_rank[0].pop("frames")
         reference = frames if reference is None and ranks == 1 else reference
         # The decode ends when the slowest rank's rows reach rank 0.

@@ -12,8 +12,21 @@ def normalize_device_map(device_map) -> dict:
         missing = set(DEVICE_KEYS) - set(device_map)
         if unknown or missing:
             raise ValueError(f"device_map keys {sorted(device_map)} must be exactly {list(DEVICE_KEYS)}")
-        return {key: torch.device(device_map[key]) for key in DEVICE_KEYS}
-    return {key: torch.device(device_map) for key in DEVICE_KEYS}
+        return {key: check_available(torch.device(device_map[key])) for key in DEVICE_KEYS}
+    return {key: check_available(torch.device(device_map)) for key in DEVICE_KEYS}
+
+
+def check_available(device: torch.device) -> torch.device:
+    """The device, once it is known to exist here: a CUDA device asked for on a machine without one (or past the
+    last GPU) is refused at once, in one line, rather than by the first tensor moved there, after loading."""
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {str(device)!r}: CUDA is not available here (torch {torch.__version__}, "
+                             "no GPU visible); use cpu (the CLI: device=cpu or device=auto)")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device {str(device)!r}: only {count} GPU(s) visible (cuda:0..cuda:{count - 1})")
+    return device
 
 
 def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
@@ -26,7 +39,7 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
         raise ValueError(f"device={name!r} is not a torch device (e.g. auto, cpu, cuda, cuda:1)") from err
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank)
-    return device
+    return check_available(device)
 
 
 def resolve_dtype(name="auto", device="cpu") -> torch.dtype:

@@ -2,7 +2,10 @@
 benchmarks' multi-rank harness (gloo CPU ranks, or one NCCL rank per GPU).
 
 Each rank gets one intra-op thread, like a rank per core, and the launcher's environment
-(MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK) on a free loopback port.
+(MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK) on a free loopback port. Ranks are forked from a
+server process that has imported torch, transformers' T5 and diffusers' VAE once (multiprocessing's
+forkserver, preloaded): importing them is most of a tiny rank's start-up (about 9 s of CPU on a small
+machine), and a forkserver's child is still a fresh process that shares no state with the caller.
 """
 import os
 import pickle
@@ -13,6 +16,10 @@ import traceback
 
 import torch.multiprocessing as mp
 
+# What every rank imports: the forkserver imports it once, and each rank is forked with it in place. The server
+# never runs a torch op, so no thread pool or device is initialised before a fork.
+PRELOAD = ["torch", "torch.distributed", "parallel.runtime", "parallel.tp", "k4flash.pipeline",
+           "transformers.models.t5.modeling_t5", "diffusers.models.autoencoders.autoencoder_kl_cogvideox"]
 
 def free_port():
     with socket.socket() as s:
@@ -37,13 +44,22 @@ def _worker(rank, world, port, fn, args, queue, device, tp):
         shutdown_runtime()
 
 
-def run_ranks(world, fn, *args, timeout=300, device="cpu", tp=None):
+def rank_context(start_method="forkserver"):
+    """The multiprocessing context ranks start in: a preloaded forkserver (default), or "spawn" (each rank imports
+    everything itself, as a launched rank does)."""
+    ctx = mp.get_context(start_method)
+    if start_method == "forkserver":
+        ctx.set_forkserver_preload(PRELOAD)  # read when the server first starts, once per calling process
+    return ctx
+
+
+def run_ranks(world, fn, *args, timeout=300, device="cpu", tp=None, start_method="forkserver"):
     """fn(runtime, *args) on `world` ranks; returns the per-rank results in rank order.
 
     tp: ranks per tensor-parallel group (default: all of them). device="cuda": rank r on cuda:r over NCCL
-    (benchmarks on a GPU node); default gloo CPU ranks.
+    (benchmarks on a GPU node); default gloo CPU ranks. start_method: see rank_context.
     """
-    ctx = mp.get_context("spawn")
+    ctx = rank_context(start_method)
     queue = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world, port, fn, args, queue, device, tp)) for r in range(world)]

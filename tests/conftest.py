@@ -41,3 +41,14 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+# The modules with the longest runs, first: with pytest-xdist (`-n`, `--dist loadfile`) each module runs whole on
+# one worker, so starting the long ones first keeps one of them from being the last thing the suite waits for.
+LONGEST_FIRST = ("test_plans.py", "test_tp.py", "test_faults.py", "test_serve.py", "test_batch.py",
+                 "test_vae_parallel.py", "test_bench.py", "test_launch.py", "test_readme.py", "test_slurm.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each module keeps its own order

@@ -68,6 +68,8 @@ def written(workdir: Path) -> list:
     (["seed=-3"], "seed=-3 must be a non-negative integer"),
     (["dtype=float8"], "dtype='float8' is not supported; allowed: auto, float32, bfloat16, float16"),
     (["device=tpu:0"], "device='tpu:0' is not a torch device"),
+    pytest.param(["device=cuda"], "device 'cuda:0': CUDA is not available here", marks=pytest.mark.skipif(
+        torch.cuda.is_available(), reason="a GPU is visible: device=cuda is valid input here")),
 ])
 def test_bad_request_values(workdir, capsys, overrides, message):
     status, errors = run_cli([*TINY, *overrides], capsys)

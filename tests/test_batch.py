@@ -1,6 +1,7 @@
 """Prompt batches: parsing, safe names, resume, a failing prompt, and dp × tp over 4 ranks."""
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -11,8 +12,10 @@ from safetensors.torch import load_file
 from launch.batch import read_prompts_file, slugify
 
 from parity import assert_parity, break_env
-from parallel.spawn import free_port
+from readme_commands import readme_command
 from test_cli import ENTRY
+
+ROOT = ENTRY.parent
 
 DEFAULTS = dict(seed=10, time_length=0, width=512, height=512)
 
@@ -68,6 +71,7 @@ BATCH = ["model=tiny", "prompts_file=prompts.txt", "output_dir=out", "time_lengt
          "progress=false", "save_latents=true"]
 
 
+@pytest.mark.slow
 def test_batch_resumes_and_survives_a_failing_prompt(tmp_path, tiny_cache):
     (tmp_path / "prompts.txt").write_text(PROMPTS)
     (tmp_path / "out" / "00001-a-blue-circle.png").mkdir(parents=True)  # a directory where the image must go
@@ -90,7 +94,14 @@ def test_batch_resumes_and_survives_a_failing_prompt(tmp_path, tiny_cache):
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no temp files
 
 
-DP2_TP2 = ["-m", "torch.distributed.run", "--nproc-per-node", "4"]
+def dp2_tp2_command():
+    """The README's CPU batch on dp 2 x tp 2 (NPROC_PER_NODE=4 launch/torchrun.sh ... parallel.tp=2): (environment,
+    argv), with images for speed and the latents saved to compare."""
+    words = shlex.split(readme_command("NPROC_PER_NODE=4 launch/torchrun.sh model=tiny prompts_file=").text)
+    assign, script, overrides = words[0], words[1], words[2:]
+    assert overrides[:2] == BATCH[:2] and "parallel.tp=2" in overrides
+    name, value = assign.split("=")
+    return {name: value}, [str(ROOT / script), *overrides, *BATCH[3:]]
 
 
 @pytest.fixture(scope="module")
@@ -98,13 +109,15 @@ def dp_tp_runs(tmp_path_factory, tiny_cache):
     """The batch on one process, on dp 2 x tp 2, and on dp 2 x tp 2 with every rank loading its neighbour's
     column-parallel rows (the negative control): name -> (output folder, log)."""
     runs = {}
-    for name, launcher, broken in (("one", [], None), ("dp2tp2", DP2_TP2, None),
-                                   ("dp2tp2, slice shifted", DP2_TP2, "shifted_slice")):
+    launched_env, launched = dp2_tp2_command()
+    for name, broken in (("one", None), ("dp2tp2", None), ("dp2tp2, slice shifted", "shifted_slice")):
         cwd = tmp_path_factory.mktemp("batch")
         (cwd / "prompts.txt").write_text(PROMPTS)
         env = dict(_env(tiny_cache), **(break_env(broken) if broken else {}))
-        command = [sys.executable, *launcher, "--master-port", str(free_port()), str(ENTRY), *BATCH, "parallel.tp=2"] \
-            if launcher else [sys.executable, str(ENTRY), *BATCH]
+        if name == "one":
+            command = [sys.executable, str(ENTRY), *BATCH]
+        else:
+            command, env = launched, dict(env, **launched_env)
         result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=400)
         assert result.returncode == 0, result.stderr[-3000:]
         runs[name] = (cwd, result.stdout + result.stderr)
@@ -139,10 +152,12 @@ def check_dp_tp_batch(runs, name):
     assert sorted(p.name for p in cwd.iterdir()) == ["out", "prompts.txt"]
 
 
+@pytest.mark.slow
 def test_dp2_x_tp2_gives_the_one_rank_videos(dp_tp_runs):
     check_dp_tp_batch(dp_tp_runs, "dp2tp2")
 
 
+@pytest.mark.slow
 def test_the_dp_tp_check_fails_when_a_slice_is_shifted(dp_tp_runs):
     """Negative control: every rank loads its neighbour's q/k/v and MLP-in rows (tests/breaks); the batch still
     runs to the end, and the same check must fail on the latents."""
@@ -160,6 +175,7 @@ def test_world_not_divisible_by_tp_fails_before_loading(tmp_path, tiny_cache):
     assert result.returncode == 2 and "parallel.tp=3 does not divide the world size 4; allowed: [1, 2, 4]" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_video_without_its_sidecar_is_redone_and_the_sidecar_goes_last(tmp_path, tiny_cache, monkeypatch):
     """A killed job can leave an image whose sidecar never came; the sidecar marks "finished", so that prompt is
     done again, and the pipeline writes the sidecar after the image and the latents."""
@@ -185,3 +201,40 @@ def test_a_video_without_its_sidecar_is_redone_and_the_sidecar_goes_last(tmp_pat
     generation = pipe.generate("a red square", time_length=0, width=512, height=512, seed=1, progress=False)
     pipe.write_outputs(generation, tmp_path / "api.mp4", save_latents=True)
     assert order == ["write_png", "write_safetensors_atomic", "write_json_atomic"]
+
+
+@pytest.mark.parametrize("video, sidecar, complete", [(True, True, True), (True, False, False),
+                                                       (False, True, False), (False, False, False)])
+def test_a_prompt_is_done_only_with_its_video_and_its_sidecar(tmp_path, video, sidecar, complete):
+    """What a re-run skips: both files, whichever one is missing (a sidecar without its video too) is redone."""
+    path = tmp_path / "p.txt"
+    path.write_text("a red square\n")
+    for time_length in (0, 1):  # an image, a video
+        (job,) = read_prompts_file(path, dict(DEFAULTS, time_length=time_length), tmp_path / f"out{time_length}")
+        job.save_path.parent.mkdir()
+        if video:
+            job.output_path.write_bytes(b"media")
+        if sidecar:
+            job.sidecar_path.write_text("{}")
+        assert job.is_complete() is complete, (time_length, video, sidecar)
+
+
+@pytest.mark.slow
+def test_each_lines_seed_is_the_one_of_an_independent_run(tmp_path, tiny_cache, tiny_weights):
+    """A prompts file's videos are those of one-prompt runs with each line's seed: the line's own (JSONL), else
+    the run's seed + the line's index. Compared with independent generations of each prompt, not with a batch."""
+    from k4flash import get_T2V_pipeline
+    from k4flash.tiny import TINY_DIT_PARAMS
+
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "a red square", "seed": 77}\n\n{"prompt": "a blue circle"}\n')
+    result = subprocess.run([sys.executable, str(ENTRY), "model=tiny", "prompts_file=prompts.jsonl", "output_dir=out",
+                             "seed=40", "time_length=0", "width=512", "height=512", "save_latents=true",
+                             "progress=false"], cwd=tmp_path, env=_env(tiny_cache), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    pipe = get_T2V_pipeline("cpu", cache_dir=tiny_weights, dit_params=TINY_DIT_PARAMS, download=False)
+    for name, prompt, seed in (("00000-a-red-square", "a red square", 77), ("00002-a-blue-circle", "a blue circle", 42)):
+        alone = pipe.generate(prompt, time_length=0, width=512, height=512, seed=seed, progress=False)
+        batch = load_file(str(tmp_path / "out" / f"{name}.latents.safetensors"))["latents"]
+        assert_parity(batch, alone.latents, atol=1e-5, rtol=1e-5, what=f"latents of {name}")
+        assert json.loads((tmp_path / "out" / f"{name}.json").read_text())["seed"] == seed

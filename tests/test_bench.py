@@ -90,6 +90,7 @@ def test_published_width_collectives_counted_on_the_meta_device():
     assert 2 * 5_570_276_928 < counted["weight_bytes"] * 8 < 2 * 5_570_276_928 * 1.03
 
 
+@pytest.mark.slow
 def test_cost_model_command(tmp_path):
     from bench.cost_model import main
     data, markdown = _run(main, [], tmp_path, "cost_model")
@@ -122,6 +123,7 @@ def test_cost_model_command(tmp_path):
     assert "parallel.plan=auto" in markdown
 
 
+@pytest.mark.slow
 def test_tp_command_counts_match_the_cost_model(tmp_path):
     from bench.configs import DIT_CONFIGS
     from bench.tp import main
@@ -153,6 +155,7 @@ def test_dit_forward_command_eager_reference_and_compiled(tmp_path):
     assert "| ours, eager |" in markdown
 
 
+@pytest.mark.slow
 def test_pipeline_stages_command(tmp_path, tiny_cache, monkeypatch, one_torch_thread):
     from bench.pipeline_stages import main
     monkeypatch.setenv("K4FLASH_CACHE", str(tiny_cache))
@@ -219,6 +222,7 @@ def test_pipeline_compile_flag_compiles_the_blocks(tiny_weights):
     assert graphs[False] == 0 and graphs[True] >= 1, graphs
 
 
+@pytest.mark.slow
 def test_vae_decode_command(tmp_path):
     from bench.vae_decode import main
     data, markdown = _run(main, ["--config", "tiny", "--ranks", "1", "2", "--repeats", "1"], tmp_path, "vae_decode")
@@ -236,6 +240,7 @@ def test_predicted_vae_time_splits_over_the_ranks():
     assert eight["vae_s"] == pytest.approx(one["vae_s"] / 8 + overhead)
 
 
+@pytest.mark.slow
 def test_memory_command_smoke_is_within_the_model(tmp_path):
     from bench.memory import main
     data, markdown = _run(main, ["--size", "smoke", "--runs", "1:none", "2:after_encode", "--dir", str(tmp_path)],
@@ -247,6 +252,7 @@ def test_memory_command_smoke_is_within_the_model(tmp_path):
     assert "Largest whole-run error" in markdown
 
 
+@pytest.mark.slow
 def test_serve_command_loses_nothing(tmp_path):
     from bench.serve import main
     data, _ = _run(main, ["--requests", "4", "--concurrency", "2"], tmp_path, "serve")

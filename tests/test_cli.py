@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from launch.cli import strip_launcher_args
+from readme_commands import readme_command
 
 ENTRY = Path(__file__).resolve().parents[1] / "run_inference_distil.py"
 
@@ -18,6 +19,7 @@ def run_cli(cwd, tiny_cache, *overrides, timeout=300):
                           timeout=timeout)
 
 
+@pytest.mark.slow
 def test_tiny_image_run_writes_image_latents_and_sidecar(tmp_path, tiny_cache):
     result = run_cli(tmp_path, tiny_cache, "model=tiny", "time_length=0", "width=512", "height=512", "seed=3",
                      "save_path=out/pic.mp4", "save_latents=true", "progress=false")
@@ -75,12 +77,11 @@ def test_strip_launcher_args(monkeypatch):
     assert argv == ["prog", "seed=1", "prompt=x"] and os.environ["LOCAL_RANK"] == "3"
 
 
+@pytest.mark.slow
 def test_the_readme_demo_line_can_be_repeated_and_leaves_only_its_outputs(tmp_path, tiny_cache):
     """The set-up block's demo command, run twice in a fresh folder (as an image, to keep it quick): both
     succeed, and the folder holds the output and its sidecar only: no Hydra outputs/, no log file."""
-    readme = (ENTRY.parent / "README.md").read_text()
-    line = next(line for line in readme.splitlines() if line.startswith("python run_inference_distil.py model=tiny"))
-    overrides = line.split("#")[0].split()[2:]
+    overrides = readme_command("python run_inference_distil.py model=tiny save_path=demo.mp4").text.split()[2:]
     assert "overwrite=true" in overrides and any(o.startswith("save_path=") for o in overrides)
     for _ in range(2):
         result = run_cli(tmp_path, tiny_cache, *overrides, "time_length=0", "width=512", "height=512",
@@ -138,3 +139,17 @@ def test_every_output_a_run_would_write_is_refused_before_anything_loads(tmp_pat
     assert "loaded tiny" not in result.stdout + result.stderr  # refused before loading
     assert sorted(p.name for p in tmp_path.iterdir()) == [existing]
     assert (tmp_path / existing).read_text() == '{"mine": 1}'
+
+
+@pytest.mark.parametrize("args, status, expected", [
+    (["+time_lenght=3"], 2, "error: unknown config key 'time_lenght' (did you mean time_length?)"),
+    (["seed=abc"], 1, "Value 'abc' of type 'str' could not be converted to Integer"),
+    (["--cfg", "job", "--resolve"], 0, "time_length: 1\nwidth: 672\nheight: 384"),
+])
+def test_the_spellings_the_readme_names(tmp_path, tiny_cache, args, status, expected):
+    """README "Thousands of videos": the typo Hydra suggests fails naming the key (2), an ill-typed value is
+    Hydra's (1), and `--cfg job --resolve` prints the values, not `${model.demo...}` (0)."""
+    result = run_cli(tmp_path, tiny_cache, "model=tiny", *args)
+    assert result.returncode == status, result.stderr[-2000:]
+    assert expected in (result.stdout if status == 0 else result.stderr), result.stdout[-1000:] + result.stderr[-1000:]
+    assert "${" not in result.stdout and list(tmp_path.iterdir()) == []

@@ -57,6 +57,7 @@ def test_a_rank_exits_with_its_heap_frozen(fast_exit):
         assert frozen == 0  # the library entry point leaves the caller's exit alone
 
 
+@pytest.mark.slow
 def test_a_cli_run_exits_with_its_heap_frozen(tmp_path, tiny_cache):
     """The command the user runs: after its last output, the exit collections have nothing to scan."""
     overrides = ["model=tiny", "time_length=0", "width=512", "height=512", "progress=false",

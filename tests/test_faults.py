@@ -20,11 +20,16 @@ import pytest
 from parallel.spawn import free_port
 from test_cli import ENTRY
 
+pytestmark = pytest.mark.slow  # launchers and servers: `-m "not slow"` leaves them out
+
 WORKER = Path(__file__).with_name("fault_worker.py")
 TIMEOUT_S = 8  # parallel.timeout_s: how long a collective waits for a hung rank
 # After the fault: the collective timeout, rank 0's 2.5 s diagnosis, and torchrun's teardown;
 # generous because CI machines are slow and shared.
 BOUND_S = TIMEOUT_S + 30
+# Beyond the README's detection time: the frozen rank's last beat may precede the fault by a beat (1 s), the
+# watcher looks once a beat (1 s), and a loaded machine delays both threads.
+DETECTION_SLACK_S = 4.0
 IMAGE = ["model=tiny", "time_length=0", "width=512", "height=512", "progress=false"]
 
 
@@ -146,13 +151,15 @@ def test_nccl_like_faults_with_the_main_thread_stuck_in_native_code(tmp_path, ti
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     lines = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line.rstrip("\n")) for line in launcher.stderr], daemon=True).start()
-    seen, pids, fault_at, stopped = [], set(), None, False
+    seen, pids, fault_at, stopped, verdict_at = [], set(), None, False, None
     deadline = time.time() + 240
     while launcher.poll() is None and time.time() < deadline:
         try:
             line = lines.get(timeout=0.5)
         except queue.Empty:
             continue
+        if line.startswith("error:") and verdict_at is None:
+            verdict_at = time.time()  # rank 0's heartbeat thread prints its verdict as it acts on it
         seen.append(line)
         found = re.search(r"fault_worker: .* at t=([0-9.]+) pid=(\d+)", line)
         if found:
@@ -179,6 +186,11 @@ def test_nccl_like_faults_with_the_main_thread_stuck_in_native_code(tmp_path, ti
     print(f"\n{fault} (blocked: rank {blocked}): exit {status} {exited - fault_at:.1f} s after the fault: {errors}")
     assert len(errors) == 1 and re.search(message, errors[0]), stderr[-3000:]
     assert leftovers(tmp_path / "out") == []
+    if fault == "stop:1:2":  # frozen: only missing heartbeats tell, and the README says how soon
+        detect_s = float(re.search(r"\*\*died or froze\*\* \(SIGKILL, SIGSTOP, a lost\s+node\) within (\d+) s",
+                                   (ENTRY.parent / "README.md").read_text()).group(1))
+        assert verdict_at is not None and verdict_at - fault_at <= detect_s + DETECTION_SLACK_S, \
+            f"the verdict came {verdict_at - fault_at:.1f} s after the fault; README: within {detect_s:g} s"
 
 
 def test_a_rank_raising_mid_prompt_in_a_tp_batch_fails_the_run_without_mixing_collectives(tmp_path, tiny_cache):

@@ -26,6 +26,7 @@ from bench.gpu_check import tp as tp_section
 from k4flash.dit_math import DEFAULT_SDPA_BACKENDS
 from k4flash.tiny import TINY_DIT_PARAMS
 from parallel import cost
+from readme_commands import readme_command
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("1.", "2.", "3.", "4.", "5.", "6.", "7.", "Checks")
@@ -35,7 +36,8 @@ SECTIONS = ("1.", "2.", "3.", "4.", "5.", "6.", "7.", "Checks")
 def smoke(tmp_path_factory):
     """One smoke run for the module: (JSON on disk, Markdown on disk)."""
     out = tmp_path_factory.mktemp("gpu_check")
-    command.main(["--smoke", "--warmup", "1", "--repeats", "2", "--vae-repeats", "1", "--out", str(out)])
+    readme = readme_command("python -m bench.gpu_check --smoke").text.split()  # the README's CPU command, smaller
+    command.main([*readme[3:], "--warmup", "1", "--repeats", "2", "--vae-repeats", "1", "--out", str(out)])
     return json.loads((out / "gpu_check.json").read_text()), (out / "gpu_check.md").read_text()
 
 

@@ -1,5 +1,6 @@
 """The ways users start a run give the same image: plain python, torchrun, torch.distributed.launch and
 launch/torchrun.sh; the launcher script exits with the ranks' documented status and one error line."""
+import json
 import os
 import subprocess
 import sys
@@ -10,6 +11,8 @@ from safetensors.torch import load_file
 from parity import assert_parity, break_env
 from parallel.spawn import free_port
 from test_cli import ENTRY
+
+pytestmark = pytest.mark.slow  # launchers and servers: `-m "not slow"` leaves them out
 
 ARGS = ["model=tiny", "time_length=0", "width=512", "height=512", "seed=5", "prompt=a red square", "progress=false",
         "save_latents=true"]
@@ -22,6 +25,8 @@ LAUNCHERS = {
                "--master-port", "{port}", str(ENTRY)],
     "torchrun.sh": ["bash", str(LAUNCH_SH)],  # NPROC_PER_NODE=2 (below)
 }
+# torch.distributed.launch also runs with vae.parallel=false (its first rank decodes alone, as one process does)
+EXTRA = {"launch": ["vae.parallel=false"]}
 # negative controls: name -> (launcher, K4FLASH_TEST_BREAK, NPROC_PER_NODE)
 BROKEN = {"torchrun.sh, all-reduce dropped": ("torchrun.sh", "all_reduce", "2"),
           "torchrun.sh, one rank started": ("torchrun.sh", None, "1")}
@@ -39,7 +44,8 @@ def runs(tiny_cache, tmp_path_factory):
         cwd = tmp_path_factory.mktemp("run")
         command = [arg.format(port=free_port()) for arg in LAUNCHERS[launcher]]
         extra = dict(NPROC_PER_NODE=nproc, **(break_env(broken) if broken else {}))
-        result = subprocess.run([*command, *ARGS, "save_path=img.mp4"], cwd=cwd, env=_env(tiny_cache, **extra),
+        result = subprocess.run([*command, *ARGS, *EXTRA.get(name, []), "save_path=img.mp4"], cwd=cwd,
+                                env=_env(tiny_cache, **extra),
                                 capture_output=True, text=True, timeout=300)
         out[name] = (cwd, result)
     return out
@@ -108,3 +114,22 @@ def test_torchrun_sh_exits_with_the_documented_status_and_one_line(tmp_path, tin
 def test_job_status_prefers_rank_0s_documented_status(codes, expected):
     from launch.torchrun import job_status
     assert job_status(codes) == expected
+
+
+def test_vae_parallel_false_from_the_cli(runs):
+    """`vae.parallel=false` on the command line (2 ranks under torch.distributed.launch): the run takes it (its
+    sidecar records it; tests/test_vae_parallel.py shows the key reaching the rank's pipeline) and gives the one
+    process's image."""
+    check_same_image_on_two_ranks(runs, "launch")
+    cwd, _ = runs["launch"]
+    assert json.loads((cwd / "img.json").read_text())["config"]["vae"]["parallel"] is False
+    assert json.loads((runs["torchrun"][0] / "img.json").read_text())["config"]["vae"]["parallel"] is True
+
+
+@pytest.mark.parametrize("value", ["0", "two", "-1"])
+def test_a_bad_nproc_per_node_is_refused_by_the_script(tmp_path, tiny_cache, value):
+    result = subprocess.run(["bash", str(LAUNCH_SH), *ARGS, "save_path=img.mp4"], cwd=tmp_path,
+                            env=_env(tiny_cache, NPROC_PER_NODE=value), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"launch/torchrun.sh: NPROC_PER_NODE must be a positive integer, got '{value}'"
+    assert list(tmp_path.iterdir()) == []

@@ -71,6 +71,7 @@ def test_block_streamer_holds_at_most_two_blocks_and_changes_nothing(tiny_weight
     assert streamer.on_device == {} and streamer.hooks == []  # nothing left on the device, no hook left behind
 
 
+@pytest.mark.slow
 def test_a_batch_with_after_encode_gives_the_batch_without(tmp_path, tiny_cache):
     """Every prompt encoded first, T5 freed, then each video: under tp = 2 too."""
     prompts = '{"prompt": "a red square", "seed": 3, "time_length": 0, "width": 512, "height": 512}\n' \

@@ -149,6 +149,7 @@ def _tolerance(want):
 ALL = [(world, *plan) for world, plans in PLANS.items() for plan in plans]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world, ulysses, tp, sp", ALL)
 @pytest.mark.parametrize("name", sorted(INPUTS))
 def test_every_plan_gives_the_one_rank_output(world, ulysses, tp, sp, name, worlds, one_rank):

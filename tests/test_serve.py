@@ -16,6 +16,8 @@ from safetensors.torch import load_file
 from parity import assert_parity
 from bench.server import ENTRY, KEY, Server, server_env
 
+pytestmark = pytest.mark.slow  # launchers and servers: `-m "not slow"` leaves them out
+
 IMAGE = dict(prompt="a red square", seconds="0", size="512x512")
 
 
@@ -102,6 +104,19 @@ def test_keys_ids_and_unfinished_videos(tp2):
     assert tp2.status(f"/v1/videos/{video_id}/content")[0] == 409
     record = tp2.wait(video_id)
     assert record["status"] == "completed" and tp2.status(f"/v1/videos/{video_id}/content")[0] == 200
+    # A video in progress cannot be deleted (409); sent as a multipart form, as a browser's form would.
+    boundary = "k4flash-test-boundary"
+    form = "".join(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'
+                   for k, v in (("prompt", "a form"), ("seconds", "1"), ("size", "512x512"))) + f"--{boundary}--\r\n"
+    status, body, _ = tp2.request("POST", "/v1/videos", raw=form.encode(),
+                                  headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert status == 200 and json.loads(body)["prompt"] == "a form", body
+    formed = json.loads(body)["id"]
+    tp2.wait(formed, statuses=("in_progress",))
+    assert tp2.request("DELETE", f"/v1/videos/{formed}")[0] == 409
+    assert tp2.wait(formed)["status"] == "completed"
+    status, body, headers = tp2.request("GET", f"/v1/videos/{formed}/content")
+    assert status == 200 and headers.get("content-type") == "video/mp4" and body[4:8] == b"ftyp"
     models_body = tp2.status("/v1/models")[1]
     models = json.loads(models_body)["data"][0]
     assert models["id"] == "tiny" and models["mesh"]["tp"] == 2 and models["dtype"] == "float32"
@@ -111,14 +126,18 @@ def test_keys_ids_and_unfinished_videos(tp2):
 
 
 def test_a_full_queue_answers_429_with_retry_after(tp2):
-    answers = [tp2.request("POST", "/v1/videos", {"prompt": f"p{i}", "seconds": 1, "size": "512x512"})
-               for i in range(6)]
-    statuses = [a[0] for a in answers]
-    assert 429 in statuses and statuses.count(200) <= 3, statuses
-    assert all(a[2].get("Retry-After") for a in answers if a[0] == 429)
-    for status, body, _ in answers:
-        if status == 200:
-            tp2.wait(json.loads(body)["id"])
+    """serve.queue_size=2 exactly: with the one model group busy, the first 2 waiting videos are taken, every one
+    after them gets 429 with Retry-After (a bound off by one either way fails)."""
+    busy = json.loads(tp2.request("POST", "/v1/videos", {"prompt": "busy", "seconds": 2, "size": "512x512"})[1])["id"]
+    tp2.wait(busy, statuses=("in_progress",))
+    answers = [tp2.request("POST", "/v1/videos", {"prompt": f"p{i}", "seconds": 0, "size": "512x512"})
+               for i in range(5)]
+    still_busy = json.loads(tp2.status(f"/v1/videos/{busy}")[1])["status"] == "in_progress"
+    assert still_busy, "the busy video finished while the queue was filled: the bound was not under test"
+    assert [a[0] for a in answers] == [200, 200, 429, 429, 429]
+    assert all(a[2].get("Retry-After") for a in answers[2:])
+    for video_id in [busy] + [json.loads(a[1])["id"] for a in answers[:2]]:
+        assert tp2.wait(video_id)["status"] == "completed"
 
 
 def test_dp2_serves_two_videos_at_once_with_the_clis_latents(tmp_path, tiny_cache):
@@ -194,12 +213,17 @@ def test_a_busy_port_is_refused_before_anything_loads(tmp_path, tiny_cache):
     assert time.monotonic() - clock < 60
 
 
-def test_the_environment_key_is_required_and_never_shown(tmp_path, tiny_cache):
+def test_the_environment_key_is_required_and_never_shown_on_another_host(tmp_path, tiny_cache):
     """$K4FLASH_API_KEY (no serve.api_key): every route but /health needs it, and no response or log line shows
-    it."""
+    it. serve.host=127.0.0.2 (another loopback address): the server listens there, and only there."""
+    import urllib.error
+    import urllib.request
+
     secret = "env-secret-key"
-    server = Server(tmp_path, tiny_cache, 1, env={"K4FLASH_API_KEY": secret})
+    server = Server(tmp_path, tiny_cache, 1, env={"K4FLASH_API_KEY": secret}, host="127.0.0.2")
     try:
+        with pytest.raises(urllib.error.URLError):  # not on 127.0.0.1
+            urllib.request.urlopen(f"http://127.0.0.1:{server.port}/health", timeout=5)
         assert server.status("/v1/videos", key=None)[0] == 401 and server.status("/v1/videos", key="wrong")[0] == 401
         assert server.status("/health", key=None)[0] == 200
         status, body = server.status("/v1/models", key=secret)

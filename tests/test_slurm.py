@@ -16,6 +16,8 @@ import pytest
 from slurm_cluster import TERMINAL_STATES, LocalSlurm, SlurmUnavailable, ensure_installed, free_port
 from test_cli import ENTRY
 
+pytestmark = pytest.mark.slow  # launchers and servers: `-m "not slow"` leaves them out
+
 REPO = ENTRY.parent
 SBATCH = REPO / "launch" / "slurm.sbatch"
 BUDGET_S = 360              # the whole module: apt install, cluster start and every job

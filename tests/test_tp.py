@@ -3,6 +3,8 @@
 One spawned world per size (`worlds`): each rank runs every case of that size in one process, since
 starting ranks (importing torch, transformers and diffusers) costs more than the cases themselves.
 """
+import contextlib
+
 import pytest
 import torch
 
@@ -111,7 +113,7 @@ def _load_shard(runtime, checkpoint):
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
+def checkpoints(tmp_path_factory, tiny_weights):
     """The tiny DiT as the published .pt, and as a .pt whose .safetensors sibling is the one read."""
     from parallel.convert import convert
     state = tiny_dit_state_dict(0)
@@ -121,6 +123,8 @@ def checkpoints(tmp_path_factory):
     converted = convert(folders["safetensors"] / "kandinsky4_distil_512.pt")
     assert converted == folders["safetensors"] / "kandinsky4_distil_512.safetensors"
     (folders["safetensors"] / "kandinsky4_distil_512.pt").write_bytes(b"not read: the safetensors sibling is preferred")
+    for component in ("vae", "text_encoder", "tokenizer", "scheduler"):  # a whole weights folder for the pipeline
+        (folders["safetensors"] / component).symlink_to(tiny_weights / component, target_is_directory=True)
     return {fmt: folder / "kandinsky4_distil_512.pt" for fmt, folder in folders.items()}
 
 
@@ -149,13 +153,17 @@ def _neighbours_slice():
 
 class _CountingSafetensors:
     """safetensors.safe_open, counting the bytes each slice copies out of the file (safetensors reads only the
-    requested region): what a rank reads from disk, whatever the loader does with it afterwards."""
+    requested region): what a rank reads from disk, whatever the loader does with it afterwards. Only files
+    named `only` when given (the DiT's, not the VAE's)."""
 
-    def __init__(self, safe_open, counter):
-        self.safe_open, self.counter = safe_open, counter
+    def __init__(self, safe_open, counter, only=None):
+        self.safe_open, self.counter, self.only = safe_open, counter, only
 
     def __call__(self, *args, **kwargs):
-        return _CountingFile(self.safe_open(*args, **kwargs), self.counter)
+        opened = self.safe_open(*args, **kwargs)
+        if self.only is not None and not str(args[0] if args else kwargs["filename"]).endswith(self.only):
+            return opened
+        return _CountingFile(opened, self.counter)
 
 
 class _CountingFile:
@@ -202,6 +210,28 @@ def _bytes_read(runtime, checkpoint):
     return read_bytes[0], sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+def _pipeline_bytes_read(runtime, weights, whole_then_shard=False):
+    """Bytes this rank copies out of the DiT's .safetensors while the model card's call (under a launcher: the
+    rank's pipeline, through RankRole) builds its pipeline, and the bytes of the DiT it keeps. whole_then_shard:
+    the negative control, a role that loads the whole DiT on every rank and shards it afterwards."""
+    from unittest import mock
+
+    import safetensors
+
+    from k4flash import get_T2V_pipeline
+    from k4flash.weights import load_dit
+    from parallel.rank_pipeline import RankRole
+
+    def whole_then_sharded(role, params, checkpoint, device, dtype):
+        return parallelize_dit(load_dit(params, checkpoint, device=device, dtype=dtype), role.runtime.dit_mesh)
+    read_bytes = [0]
+    counting = _CountingSafetensors(safetensors.safe_open, read_bytes, only="kandinsky4_distil_512.safetensors")
+    with mock.patch.object(safetensors, "safe_open", counting), \
+            mock.patch.object(RankRole, "load_dit", whole_then_sharded) if whole_then_shard else contextlib.nullcontext():
+        pipe = get_T2V_pipeline("cpu", cache_dir=weights, dit_params=TINY_DIT_PARAMS, download=False)
+    return read_bytes[0], sum(p.numel() * p.element_size() for p in pipe.dit.parameters())
+
+
 def _world_cases(runtime, tiny_weights, checkpoints):
     """Every case of this world size, on this rank."""
     world = runtime.world_size
@@ -216,6 +246,9 @@ def _world_cases(runtime, tiny_weights, checkpoints):
         with _neighbours_slice():
             out["loaded_shifted"] = _load_shard(runtime, checkpoints["safetensors"])
         out["bytes_read"] = _bytes_read(runtime, checkpoints["safetensors"].with_suffix(".safetensors"))
+        weights = checkpoints["safetensors"].parent  # the .safetensors DiT beside the tiny T5, VAE and scheduler
+        out["pipeline_bytes_read"] = _pipeline_bytes_read(runtime, weights)
+        out["pipeline_bytes_read_whole"] = _pipeline_bytes_read(runtime, weights, whole_then_shard=True)
         out["compiled"] = _sharded_forward(runtime, tiny_dit_state_dict(0), compiled=True)
     return out
 
@@ -268,6 +301,20 @@ def test_sharded_loading_reads_its_slice_and_no_more(worlds):
         read, kept = rank["bytes_read"]
         assert read == kept
         assert 0.5 * full < read < 0.6 * full, (read, full)
+
+
+def test_the_pipeline_path_reads_each_ranks_slice_and_no_more(worlds):
+    """What the CLI and the model card's call actually load under a launcher (RankRole through load_pipeline), not
+    the sharded loader alone: each rank reads from the file only the bytes it keeps. Negative control: a role that
+    loads the whole DiT on every rank and then shards it (same model, same forward) reads the whole file."""
+    from k4flash.weights import DERIVED_KEYS
+
+    full = sum(v.numel() * v.element_size() for k, v in tiny_dit_state_dict(0).items() if k not in DERIVED_KEYS)
+    for rank in worlds(2):
+        read, kept = rank["pipeline_bytes_read"]
+        assert read == kept and 0.5 * full < read < 0.6 * full, (read, kept, full)
+        read_whole, kept_whole = rank["pipeline_bytes_read_whole"]
+        assert kept_whole == kept and read_whole == full  # the check above fails on it: read != kept
 
 
 def test_compiled_blocks_under_tp_send_the_same_collectives_and_give_the_same_output(worlds):

@@ -156,7 +156,7 @@ def test_reachable_hub_downloads_into_the_published_layout(tmp_path, monkeypatch
     for kind in KINDS[1:]:
         assert getattr(paths, kind) == folder / kind and (folder / kind).is_dir()
     assert {c[0] for c in calls} == {DIT_REPO, COMPONENTS_REPO}
-    assert len(session.calls) <= 1  # at most the one probe (the old code has none)
+    assert len(session.calls) == 1  # exactly the one probe: none would skip the reachability check, two retry
 
 
 def test_hub_server_error_counts_as_unreachable(tmp_path, monkeypatch, online_env):
