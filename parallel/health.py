@@ -250,7 +250,7 @@ class RankHealth:
                 store.set(f"entered/{self.rank}", json.dumps(_progress()))
             signum = self._wait_for_signal()
             if signum is not None and signal_seen is None:
-                signal_seen = (signum, time.monotonic())
+                signal_seen = (signum, time.monotonic(), {r: peer.beats for r, peer in peers.items()})
             if self._stop.is_set():
                 return
             try:
@@ -348,15 +348,27 @@ class RankHealth:
                 return True
         return False
 
-    def _exit_on_signal(self, signum, signalled_at, store, peers):
+    def _exit_on_signal(self, signum, signalled_at, beats_at_signal, store, peers):
         """The main thread did not unwind after SIGTERM / SIGINT (it is stuck in native code): exit for it,
-        naming a rank at fault when rank 0 knows one (the launcher stops the survivors of a death)."""
-        # A launcher stops the survivors of a rank's death at once: a peer not heard from since the signal (GRACE_S,
-        # several beats, ago) is that rank; one that beat since is alive, however loaded the machine.
-        since_signal = time.monotonic() - signalled_at
-        verdict = self._published_verdict(store) or self._judge(store, peers, dead_after_s=since_signal)
+        naming a rank at fault when rank 0 knows one (the launcher stops the survivors of a death). Called once a
+        beat from GRACE_S after the signal on; returns while it cannot tell yet."""
+        verdict = self._published_verdict(store) or self._judge(store, peers)
         if verdict is not None:
             self._exit(verdict, ExitStatus.DISTRIBUTED, store)
+        # A launcher stops the survivors of a rank's death at once, so that rank is likely among the peers silent
+        # since the signal. A peer is alive once it has beaten twice since then (a dying rank's last beat can still
+        # be seen after the signal, never two); one that has not by DEAD_AFTER_S is the rank that died. A loaded
+        # machine delays beats, which only delays the verdict.
+        since_signal = time.monotonic() - signalled_at
+        silent = [r for r, peer in peers.items() if (peer.beats or 0) - (beats_at_signal.get(r) or 0) < 2
+                  and not any(self._get(kind, r, store) is not None for kind in ("done", "stopped", "exited"))]
+        if silent and since_signal < DEAD_AFTER_S:
+            return
+        if silent:
+            stage = self._get("stage", silent[0], store)
+            self._exit(f"rank {silent[0]} died or froze{f' during {stage}' if stage else ''} (no heartbeat since "
+                       f"the launcher's {signal.Signals(signum).name}, {since_signal:.0f} s)", ExitStatus.DISTRIBUTED,
+                       store)
         with contextlib.suppress(Exception):
             store.set(f"stopped/{self.rank}", f"received {signal.Signals(signum).name}")
         self._exit(f"terminated (received {signal.Signals(signum).name}); finished outputs are kept, "

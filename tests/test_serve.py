@@ -21,6 +21,12 @@ pytestmark = pytest.mark.slow  # launchers and servers: `-m "not slow"` leaves t
 IMAGE = dict(prompt="a red square", seconds="0", size="512x512")
 
 
+@pytest.fixture(scope="module")
+def cli_latents_seed_3(tmp_path_factory, tiny_cache):
+    """The CLI's latents for IMAGE with seed 3: what a served video with that seed must give."""
+    return _cli_latents(tmp_path_factory.mktemp("cli"), tiny_cache, seed=3)
+
+
 def _cli_latents(tmp_path, tiny_cache, seed, time_length=0, width=512, height=512):
     out = tmp_path / f"cli-{seed}-{time_length}.png"
     result = subprocess.run([sys.executable, str(ENTRY), "model=tiny", "prompt=a red square", f"seed={seed}",
@@ -39,7 +45,7 @@ def tp2(tmp_path_factory, tiny_cache):
     server.stop()
 
 
-def test_openai_client_videos_are_the_clis(tp2, tmp_path, tiny_cache):
+def test_openai_client_videos_are_the_clis(tp2, cli_latents_seed_3):
     client = tp2.client()
     video = client.videos.create(**IMAGE, extra_body={"seed": 3})
     assert (video.object, video.status, video.seconds, video.size, video.seed) == ("video", "queued", "0", "512x512", 3)
@@ -51,8 +57,7 @@ def test_openai_client_videos_are_the_clis(tp2, tmp_path, tiny_cache):
     content = client.videos.download_content(video.id)
     assert content.response.headers["content-type"] == "image/png" and content.content[:4] == b"\x89PNG"
     served = load_file(str(tp2.output_dir / f"{video.id}.latents.safetensors"))["latents"]
-    expected = _cli_latents(tmp_path, tiny_cache, seed=3)
-    assert_parity(served, expected, atol=1e-5, rtol=1e-5, what="latents")
+    assert_parity(served, cli_latents_seed_3, atol=1e-5, rtol=1e-5, what="latents")
     assert video.id in [v.id for v in client.videos.list().data]
 
 
@@ -140,7 +145,7 @@ def test_a_full_queue_answers_429_with_retry_after(tp2):
         assert tp2.wait(video_id)["status"] == "completed"
 
 
-def test_dp2_serves_two_videos_at_once_with_the_clis_latents(tmp_path, tiny_cache):
+def test_dp2_serves_two_videos_at_once_with_the_clis_latents(tmp_path, tiny_cache, cli_latents_seed_3):
     server = Server(tmp_path, tiny_cache, 2, "parallel.tp=1")
     try:
         ids = [json.loads(server.request("POST", "/v1/videos", dict(IMAGE, seed=s), key=None)[1])["id"]
@@ -148,7 +153,7 @@ def test_dp2_serves_two_videos_at_once_with_the_clis_latents(tmp_path, tiny_cach
         records = [server.wait(i) for i in ids]
         assert all(r["status"] == "completed" for r in records)
         served = load_file(str(server.output_dir / f"{ids[0]}.latents.safetensors"))["latents"]
-        assert_parity(served, _cli_latents(tmp_path, tiny_cache, seed=3), atol=1e-5, rtol=1e-5, what="latents")
+        assert_parity(served, cli_latents_seed_3, atol=1e-5, rtol=1e-5, what="latents")
         written_by = {json.loads(server.records_path(i).read_text())["rank"] for i in ids}
         assert written_by == {0, 1}  # one video per data-parallel group, at the same time
     finally:
