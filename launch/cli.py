@@ -84,7 +84,8 @@ def run(cfg) -> None:
         shutdown_if_started()
     if code:
         if is_main:
-            print(f"error: {message}", file=sys.stderr, flush=True)
+            sys.stderr.write(f"error: {message}\n")  # one write, never split by another rank's (see health._exit)
+            sys.stderr.flush()
         elif code == ExitStatus.BAD_INPUT:
             # Every rank refuses bad input at once; the first to exit makes torchrun SIGTERM the others, which
             # would cut rank 0 off before its line. The other ranks leave rank 0 a moment to print it.

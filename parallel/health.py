@@ -39,12 +39,11 @@ import torch.distributed as dist
 from . import comm
 from .status import SIGNAL_STATUS, ExitStatus
 from .store import STORE_TIMEOUT_S, RunStore
+from .verdicts import DEAD_AFTER_S, SYMPTOMS, PeerWatch, Records
 
 log = logging.getLogger("k4flash")
 HEARTBEAT_INTERVAL_S = 1.0
 STOP_TIMEOUT_S = 0.5  # the most RankHealth.stop() waits for the heartbeat thread: far less than a store timeout
-DEAD_AFTER_S = 6.0  # no heartbeat for this long: the rank died or is frozen (SIGSTOP, a machine gone)
-QUIET_AFTER_S = 2.5  # no heartbeat for this long: not healthy (yet not a verdict)
 GRACE_S = 3.0  # after SIGTERM / SIGINT, how long the main thread has to unwind before the thread exits for it
 
 
@@ -65,19 +64,6 @@ def _first_line(err: BaseException) -> str:
     return line if len(line) <= 300 else line[:297] + "..."
 
 
-class _Peer:
-    """What the thread last saw of one rank, and since when."""
-
-    def __init__(self):
-        self.beats, self.beat_seen = None, time.monotonic()
-        self.counts = {}
-        # Since when another member of a shared group is seen to have entered more collectives than this rank,
-        # with no progress of its own meanwhile (None: it is not behind). A hang is timed from here, not from
-        # the start: a rank that is still loading while its peers already wait is not hung until they have
-        # waited parallel.timeout_s.
-        self.behind_since = None
-
-
 class RankHealth:
     def __init__(self, rank: int, world_size: int, interval_s: float = HEARTBEAT_INTERVAL_S,
                  timeout_s: float = 600.0, watch=None, on_exit=None, grace_s: float = GRACE_S):
@@ -85,15 +71,16 @@ class RankHealth:
         # After SIGTERM / SIGINT, how long the main thread may take to finish on its own (a server drains).
         self.grace_s = grace_s
         self.failed = threading.Event()  # set once this thread has a verdict and is ending the process
-        self.quiet = False  # a watched rank has missed a few heartbeats
         # The ranks this one watches: rank 0 all of them, the others their process groups' members (set by
         # the caller once the mesh exists) and rank 0.
-        self.watch = sorted(set(watch if watch is not None else range(world_size)) - {rank})
+        self.watch = PeerWatch(rank, sorted(set(watch if watch is not None else range(world_size)) - {rank}),
+                               timeout_s)
         self.on_exit = on_exit  # called just before the thread ends the process (remove partial outputs)
         self._stop = threading.Event()
         self._claim = threading.Lock()
         self._claimed = False
         self._store = None  # the main thread's client
+        self._records = Records(None)  # its health records
         self._thread = None
         self._wakeup = None  # (read fd, write fd) of the signal pipe
         self._previous_wakeup_fd = None
@@ -103,6 +90,7 @@ class RankHealth:
         health = cls(rank, world_size, interval_s, **options)
         try:
             health._store = RunStore.launcher("health")
+            health._records = Records(health._store)
         except Exception as err:  # no reachable store: run without diagnostics rather than fail
             log.warning("rank %d: no heartbeat store (%s); failures will not name the rank", rank, _first_line(err))
             return health
@@ -118,24 +106,7 @@ class RankHealth:
     # -- the main thread's side -------------------------------------------------------------------------
 
     def _set(self, kind: str, value: str) -> None:
-        if self._store is None:
-            return
-        try:
-            self._store.set(f"{kind}/{self.rank}", value)
-        except Exception:
-            pass
-
-    def _get(self, kind: str, rank: int, store=None):
-        try:
-            return (store or self._store).get(f"{kind}/{rank}")
-        except Exception:
-            return None
-
-    def _beats(self, rank: int, store=None):
-        try:
-            return (store or self._store).add(f"beat/{rank}", 0)
-        except Exception:
-            return None
+        self._records.set(kind, self.rank, value)
 
     def mark(self, stage: str) -> None:
         """What this rank is doing now (named in the failure report)."""
@@ -193,21 +164,21 @@ class RankHealth:
         own = f"rank {self.rank} saw {_first_line(err)}"
         if self._store is None:
             return own
+        records = self._records
         others = [r for r in range(self.world_size) if r != self.rank]
-        before = {r: self._beats(r) for r in others}
+        before = {r: records.beats(r) for r in others}
         silent_s = self._await_records(others, before)
         causes, stopped_ranks = [], []
         for r in others:
-            stage = self._get("stage", r)
-            where = f" during {stage}" if stage else ""
-            error, stopped = self._get("error", r), self._get("stopped", r)
+            where = records.where(r)
+            error, stopped = records.get("error", r), records.get("stopped", r)
             if error is not None:
                 causes.append(f"rank {r} failed{where}: {error}")
             elif stopped is not None:
                 stopped_ranks.append(f"rank {r} was stopped{where} ({stopped})")
-            elif self._is_symptom(r):
+            elif records.any_of(SYMPTOMS, r):
                 continue  # it saw the same broken collective or acted on a verdict (and may have exited): a symptom
-            elif self._beats(r) in (None, before[r]):
+            elif records.beats(r) in (None, before[r]):
                 causes.append(f"rank {r} died or froze{where} (no heartbeat for {silent_s:.1f} s)")
             else:
                 causes.append(f"rank {r} is hung{where} (alive, but it never joined the collective)")
@@ -217,10 +188,6 @@ class RankHealth:
             return f"{own}; no other rank reported a cause"
         return "; ".join(causes) + f" ({own})"
 
-    def _is_symptom(self, rank: int, store=None) -> bool:
-        """The rank recorded that it saw a broken collective, finished, or left on a published verdict."""
-        return any(self._get(kind, rank, store) is not None for kind in ("collective", "done", "exited"))
-
     def _await_records(self, others, before: dict) -> float:
         """Wait for the other ranks' own records (an error, a stop, a symptom) or a new heartbeat: at least
         2.5 beats, so that their reports can arrive; at most DEAD_AFTER_S, so that only a rank silent as long as
@@ -229,8 +196,8 @@ class RankHealth:
         started = time.monotonic()
         while True:
             waited = time.monotonic() - started
-            unsettled = [r for r in others if self._beats(r) in (None, before[r]) and not self._is_symptom(r)
-                         and self._get("error", r) is None and self._get("stopped", r) is None]
+            unsettled = [r for r in others if self._records.beats(r) in (None, before[r])
+                         and not self._records.any_of((*SYMPTOMS, "error", "stopped"), r)]
             if waited >= DEAD_AFTER_S or (waited >= 2.5 * self.interval_s and not unsettled):
                 return waited
             time.sleep(0.25 * self.interval_s)
@@ -242,7 +209,7 @@ class RankHealth:
             store = RunStore.launcher("health")
         except Exception:  # the store went away (its host died): nothing left to report to
             return
-        peers = {r: _Peer() for r in self.watch}
+        records = Records(store)
         signal_seen = None
         while not self._stop.is_set():
             with contextlib.suppress(Exception):
@@ -250,15 +217,15 @@ class RankHealth:
                 store.set(f"entered/{self.rank}", json.dumps(_progress()))
             signum = self._wait_for_signal()
             if signum is not None and signal_seen is None:
-                signal_seen = (signum, time.monotonic(), {r: peer.beats for r, peer in peers.items()})
+                signal_seen = (signum, time.monotonic(), self.watch.beats())
             if self._stop.is_set():
                 return
             try:
                 if signal_seen is not None and time.monotonic() - signal_seen[1] > self.grace_s:
-                    self._exit_on_signal(*signal_seen, store, peers)
+                    self._exit_on_signal(*signal_seen, store)
                 verdict = self._published_verdict(store)
                 if verdict is None:
-                    verdict = self._judge(store, peers)
+                    verdict = self.watch.judge(records, _progress())
                     if verdict is not None:
                         verdict = self._publish(store, verdict)
                 if verdict is not None:
@@ -294,65 +261,12 @@ class RankHealth:
             return store.wait("verdict", 0.05, STORE_TIMEOUT_S)
         return verdict
 
-    def _judge(self, store, peers, dead_after_s: float = DEAD_AFTER_S):
-        """The first fault among the watched ranks, as a one-line verdict, or None."""
-        now = time.monotonic()
-        counts, quiet = {}, False
-
-        def where(r):  # read only for a verdict: the stage is not worth a store call per peer per second
-            stage = self._get("stage", r, store)
-            return f" during {stage}" if stage else ""
-
-        for r, peer in peers.items():
-            error = self._get("error", r, store)
-            if error is not None:
-                return f"rank {r} failed{where(r)}: {error}"
-            if self._get("done", r, store) is not None:
-                continue
-            beats = self._beats(r, store)
-            if beats is not None and beats != peer.beats:
-                peer.beats, peer.beat_seen = beats, now
-            # Unheard for a few beats: not yet a verdict, but no longer healthy (a server's /health says so).
-            quiet = quiet or (peer.beats is not None and now - peer.beat_seen > QUIET_AFTER_S)
-            self.quiet = quiet
-            if peer.beats is not None and now - peer.beat_seen > dead_after_s:
-                return f"rank {r} died or froze{where(r)} (no heartbeat for {now - peer.beat_seen:.0f} s)"
-            entered = self._get("entered", r, store)
-            if entered is not None:
-                counts[r] = json.loads(entered)
-                peer_counts = {name: count for name, (_, count) in counts[r].items()}
-                if peer_counts != peer.counts:
-                    peer.counts, peer.behind_since = peer_counts, None  # it moved: any wait starts again
-        counts[self.rank] = _progress()
-        for r, peer in peers.items():
-            if r not in counts or not self._behind(r, counts):
-                peer.behind_since = None
-                continue
-            peer.behind_since = peer.behind_since or now
-            if now - peer.behind_since > self.timeout_s:
-                return f"rank {r} is hung{where(r)} (alive, but it never joined the collective)"
-        return None
-
-    @staticmethod
-    def _behind(rank: int, counts: dict) -> bool:
-        """Whether another member of one of `rank`'s process groups has entered more collectives on it."""
-        groups = {}
-        for per_rank in counts.values():
-            for name, (ranks, _) in per_rank.items():
-                groups[name] = ranks
-        for name, ranks in groups.items():
-            if rank not in ranks:
-                continue
-            mine = counts.get(rank, {}).get(name, [ranks, 0])[1]
-            if any(counts.get(r, {}).get(name, [ranks, 0])[1] > mine for r in ranks if r in counts):
-                return True
-        return False
-
-    def _exit_on_signal(self, signum, signalled_at, beats_at_signal, store, peers):
+    def _exit_on_signal(self, signum, signalled_at, beats_at_signal, store):
         """The main thread did not unwind after SIGTERM / SIGINT (it is stuck in native code): exit for it,
         naming a rank at fault when rank 0 knows one (the launcher stops the survivors of a death). Called once a
         beat from GRACE_S after the signal on; returns while it cannot tell yet."""
-        verdict = self._published_verdict(store) or self._judge(store, peers)
+        records = Records(store)
+        verdict = self._published_verdict(store) or self.watch.judge(records, _progress())
         if verdict is not None:
             self._exit(verdict, ExitStatus.DISTRIBUTED, store)
         # A launcher stops the survivors of a rank's death at once, so that rank is likely among the peers silent
@@ -360,24 +274,21 @@ class RankHealth:
         # be seen after the signal, never two); one that has not by DEAD_AFTER_S is the rank that died. A loaded
         # machine delays beats, which only delays the verdict.
         since_signal = time.monotonic() - signalled_at
-        silent = [r for r, peer in peers.items() if (peer.beats or 0) - (beats_at_signal.get(r) or 0) < 2
-                  and not any(self._get(kind, r, store) is not None for kind in ("done", "stopped", "exited"))]
+        silent = self.watch.silent_since(beats_at_signal, records)
         if silent and since_signal < DEAD_AFTER_S:
             return
         if silent:
-            stage = self._get("stage", silent[0], store)
-            self._exit(f"rank {silent[0]} died or froze{f' during {stage}' if stage else ''} (no heartbeat since "
+            self._exit(f"rank {silent[0]} died or froze{records.where(silent[0])} (no heartbeat since "
                        f"the launcher's {signal.Signals(signum).name}, {since_signal:.0f} s)", ExitStatus.DISTRIBUTED,
                        store)
-        with contextlib.suppress(Exception):
-            store.set(f"stopped/{self.rank}", f"received {signal.Signals(signum).name}")
+        records.set("stopped", self.rank, f"received {signal.Signals(signum).name}")
         self._exit(f"terminated (received {signal.Signals(signum).name}); finished outputs are kept, "
                    f"re-run to resume", SIGNAL_STATUS[signum], prefix="")
 
     def alive(self) -> bool:
         """False once a rank this one watches has been unheard for QUIET_AFTER_S, or is found dead, hung or failed
         (a server's /health)."""
-        return not (self.failed.is_set() or self.quiet)
+        return not (self.failed.is_set() or self.watch.quiet)
 
     def _exit(self, message: str, status: int, store=None, prefix: str = "distributed run failed: "):
         """End the process on a verdict (or a signal): `store` given, this rank records that it left on the verdict,
@@ -386,10 +297,11 @@ class RankHealth:
         if not self.claim():
             return  # the main thread is reporting this failure itself
         if store is not None:
-            with contextlib.suppress(Exception):
-                store.set(f"exited/{self.rank}", message)
+            Records(store).set("exited", self.rank, message)
         if self.rank == 0:
-            print(f"error: {prefix}{message}", file=sys.stderr, flush=True)
+            # One write: print() makes two under PYTHONUNBUFFERED, and another rank's output can land between them.
+            sys.stderr.write(f"error: {prefix}{message}\n")
+            sys.stderr.flush()
         if self.on_exit is not None:
             with contextlib.suppress(Exception):
                 self.on_exit()

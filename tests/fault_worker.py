@@ -33,6 +33,12 @@ native_block_ranks = {int(r) for r in os.environ.get("K4FLASH_TEST_NATIVE_BLOCK"
 armed = []  # set once this rank reached the fault step: its collectives block from then on
 
 
+def say(line: str) -> None:
+    """One line to stderr in one write: both ranks report at the same instant, and print() under PYTHONUNBUFFERED
+    writes the text and its newline apart, so two ranks' lines could merge into one."""
+    os.write(2, (line + "\n").encode())
+
+
 def block_in_native_code():
     """Wait for ever in C: a default mutex locked twice by its owner. pthread_mutex_lock resumes its wait
     after a signal, so Python's handlers never get to run (ctypes releases the GIL meanwhile)."""
@@ -46,8 +52,7 @@ def block_in_native_code():
 def blocking(collective):
     def call(*args, **kwargs):
         if armed:
-            print(f"fault_worker: rank {RANK} blocks in native code at t={time.time():.3f} pid={os.getpid()}",
-                  file=sys.stderr, flush=True)
+            say(f"fault_worker: rank {RANK} blocks in native code at t={time.time():.3f} pid={os.getpid()}")
             block_in_native_code()
         return collective(*args, **kwargs)
     return call
@@ -72,8 +77,8 @@ def faulty_sample(velocity_fn, *args, **kwargs):
             armed.append(True)
         if (RANK == int(fault_rank) and len(steps) == int(fault_step)
                 and len(videos) == fault_video):
-            print(f"fault_worker: rank {fault_rank} {action} at step {fault_step} at t={time.time():.3f} "
-                  f"pid={os.getpid()}", file=sys.stderr, flush=True)
+            say(f"fault_worker: rank {fault_rank} {action} at step {fault_step} at t={time.time():.3f} "
+                f"pid={os.getpid()}")
             if action == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
             elif action == "hang":

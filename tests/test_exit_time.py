@@ -82,16 +82,18 @@ def store(monkeypatch):
 
 def test_stop_ends_the_heartbeat_thread(store):
     health = RankHealth.start(0, 2, interval_s=0.05)
-    assert health._thread is not None
-    deadline = time.monotonic() + 30
-    while health._beats(0) in (None, 0) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert health._beats(0) >= 1
-    health.stop()
+    try:  # a failed check must not leave a heartbeat thread (and the signal pipe) behind in the test process
+        assert health._thread is not None
+        deadline = time.monotonic() + 30
+        while health._records.beats(0) in (None, 0) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert health._records.beats(0) >= 1
+    finally:
+        health.stop()
     assert not health._thread.is_alive()  # joined: no store call of it outlives stop()
-    beats = health._beats(0)
+    beats = health._records.beats(0)
     time.sleep(0.25)  # five heartbeat intervals
-    assert health._beats(0) == beats
+    assert health._records.beats(0) == beats
 
 
 def test_stop_never_waits_out_a_stuck_store_call(store):

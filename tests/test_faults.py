@@ -52,7 +52,7 @@ def run_with_fault(cwd, tiny_cache, fault, overrides, world=None):
                             timeout=300, start_new_session=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     exited = time.time()
-    faults = re.findall(r"fault_worker: .* at t=([0-9.]+)", result.stderr)
+    faults = re.findall(r"fault_worker: .*? at t=([0-9.]+)", result.stderr)
     assert faults, f"the fault never fired:\n{result.stderr[-3000:]}"
     return result, exited - float(faults[0])
 
@@ -149,37 +149,41 @@ def test_nccl_like_faults_with_the_main_thread_stuck_in_native_code(tmp_path, ti
                str(free_port()), str(WORKER), *IMAGE, "save_path=out/v.mp4", "parallel.timeout_s=600"]
     launcher = subprocess.Popen(command, cwd=tmp_path, env=dict(env, PYTHONPATH=str(ENTRY.parent)),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    lines = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line.rstrip("\n")) for line in launcher.stderr], daemon=True).start()
-    seen, pids, fault_at, stopped, verdict_at = [], set(), None, False, None
+    arrivals = queue.Queue()  # (time seen, line); the reader thread keeps this name to the end
+    threading.Thread(target=lambda: [arrivals.put((time.time(), line.rstrip("\n"))) for line in launcher.stderr],
+                     daemon=True).start()
+    seen, pids, fault_at, stopped_at, verdict_at = [], set(), None, None, None
     deadline = time.time() + 240
     while launcher.poll() is None and time.time() < deadline:
         try:
-            line = lines.get(timeout=0.5)
+            seen.append(arrivals.get(timeout=0.5))
         except queue.Empty:
             continue
+        line = seen[-1][1]
         if line.startswith("error:") and verdict_at is None:
             verdict_at = time.time()  # rank 0's heartbeat thread prints its verdict as it acts on it
-        seen.append(line)
-        found = re.search(r"fault_worker: .* at t=([0-9.]+) pid=(\d+)", line)
-        if found:
-            fault_at = fault_at or float(found.group(1))
+        for found in re.finditer(r"fault_worker: .*? at t=([0-9.]+) pid=(\d+)", line):  # lines can merge
+            fault_at = min(fault_at or float("inf"), float(found.group(1)))
             pids.add(int(found.group(2)))
-        if stop_launcher and len(pids) == 2 and not stopped:
+        if stop_launcher and len(pids) == 2 and stopped_at is None:
             time.sleep(1.0)
             launcher.send_signal(signal.SIGTERM)
-            stopped = True
+            stopped_at = time.time()
     if launcher.poll() is None:
         os.killpg(launcher.pid, signal.SIGKILL)
     launcher.wait(timeout=60)
     exited = time.time()
     time.sleep(0.5)
-    while not lines.empty():
-        seen.append(lines.get())
-    lines = seen
+    while not arrivals.empty():
+        seen.append(arrivals.get())
+    lines = [line for _, line in seen]
     stderr = "\n".join(lines)
     assert fault_at is not None, stderr[-3000:]
-    assert exited - fault_at < 60, f"{exited - fault_at:.1f} s from the fault to the launcher's exit"
+    # On failure, say what happened when: each line's arrival, the SIGTERM, the exit, relative to the fault.
+    timeline = "\n".join([f"{at - fault_at:+7.1f} s  {line}" for at, line in seen[-40:]] + [
+        f"SIGTERM sent at {stopped_at - fault_at:+.1f} s" if stopped_at else f"no SIGTERM sent (fault pids {pids})",
+        f"launcher exit {launcher.returncode} at {exited - fault_at:+.1f} s"])
+    assert exited - fault_at < 60, f"{exited - fault_at:.1f} s from the fault to the launcher's exit:\n{timeline}"
     assert all(_exited(pid) for pid in pids), f"a rank outlived the launcher: {pids}"
     assert launcher.returncode == status, stderr[-3000:]
     errors = [line for line in lines if line.startswith("error:")]
