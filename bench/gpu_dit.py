@@ -59,7 +59,7 @@ def main(argv=None):
 
     model = build_random_dit(params, device, dtype)
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)  # the build's float32 staging is not the forward's memory
+        torch.cuda.reset_peak_memory_stats(device)  # the build's peak is not the forward's memory
     x, text, t = dit_inputs(config, device, dtype)
     autocast = autocast_for(device, dtype)
     timer = Timer(device)

@@ -53,6 +53,13 @@ def _cell(value, fmt):
     return format(value, fmt) if fmt else str(value)
 
 
+def table_lines(title: str, columns, rows) -> list:
+    """A table in Markdown: its bold title, a blank line, the header, one line per row."""
+    lines = [f"**{title}**" if title else "", "", "| " + " | ".join(header for _, header, _ in columns) + " |",
+             "|" + "---|" * len(columns)]
+    return lines + ["| " + " | ".join(_cell(row.get(key), fmt) for key, _, fmt in columns) + " |" for row in rows]
+
+
 class Report:
     def __init__(self, name: str, command=None, **settings):
         self.name = name
@@ -80,11 +87,7 @@ class Report:
         if self.settings:
             lines.append("settings: " + ", ".join(f"{k}={v}" for k, v in self.settings.items()))
         for title, columns, rows in self.tables:
-            lines += ["", f"**{title}**" if title else "", "",
-                      "| " + " | ".join(header for _, header, _ in columns) + " |",
-                      "|" + "---|" * len(columns)]
-            for row in rows:
-                lines.append("| " + " | ".join(_cell(row.get(key), fmt) for key, _, fmt in columns) + " |")
+            lines += ["", *table_lines(title, columns, rows)]
         if self.notes:
             lines += [""] + [f"- {text}" for text in self.notes]
         return "\n".join(line for line in lines) + "\n"
@@ -94,14 +97,21 @@ class Report:
                 "tables": [{"title": t, "columns": [c[0] for c in cols], "rows": rows} for t, cols, rows in self.tables],
                 "notes": self.notes}
 
+    def write(self, json_path=None, md_path=None) -> dict:
+        """Write the files asked for, each whole or not at all (a run killed mid-write leaves the previous one);
+        returns the JSON-able dict."""
+        self.metadata["loadavg_end"] = list(os.getloadavg())
+        data = self.to_dict()
+        for path, text in ((json_path, lambda: json.dumps(data, indent=2, default=str) + "\n"),
+                           (md_path, self.markdown)):
+            if path:
+                partial = Path(f"{path}.partial")
+                partial.write_text(text())
+                os.replace(partial, path)
+        return data
+
     def emit(self, json_path=None, md_path=None) -> dict:
         """Print the Markdown, write the files asked for; returns the JSON-able dict."""
-        self.metadata["loadavg_end"] = list(os.getloadavg())
-        text = self.markdown()
-        print(text, end="")
-        data = self.to_dict()
-        if json_path:
-            Path(json_path).write_text(json.dumps(data, indent=2, default=str) + "\n")
-        if md_path:
-            Path(md_path).write_text(text)
+        data = self.write(json_path, md_path)
+        print(self.markdown(), end="")
         return data

@@ -22,6 +22,9 @@ def get_T2V_pipeline(device_map, resolution: int = 512, cache_dir="./weights/", 
     One process: `k4flash.pipeline.load_pipeline`. Under a launcher (WORLD_SIZE > 1): this
     rank's pipeline from `parallel.rank_pipeline.load_rank_pipeline` (joins the process group,
     every rank in one TP group unless the options tp=, ulysses=, sequence_parallel= say otherwise).
+    If that call initialised the process group (the caller had not), the pipeline owns it:
+    `pipe.close()` (or leaving a `with get_T2V_pipeline(...) as pipe:` block) destroys it, and
+    interpreter exit does if close was not called; a group the caller initialised is left to the caller.
     `options` (keyword-only): dit_params, dtype, download, noise_dtype, compile, as `load_pipeline`
     documents them.
     """

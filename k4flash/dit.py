@@ -10,6 +10,7 @@ then text. The shared layers (QKV, attention output, feed-forward) run once over
 streams; only the modulation differs per stream.
 """
 import math
+from collections import OrderedDict
 
 import torch
 from einops import rearrange
@@ -32,7 +33,7 @@ class TimeEmbeddings(nn.Module):
         self._freqs = {}
 
     def freqs(self, device):
-        if device not in self._freqs:
+        if device not in self._freqs:  # made on the CPU as the official code does, copied once per device
             self._freqs[device] = sinusoid_freqs(self.num_freqs).to(device)
         return self._freqs[device]
 
@@ -72,7 +73,14 @@ class RoPE3D(nn.Module):
     recomputed from the config in float32, because a model cast to bf16 would round
     the buffers (an angle of 100 rad loses ~0.5 rad). cos/sin depend only on the grid,
     so they are built once per grid and device and shared by all blocks and steps.
+
+    Only the per-axis frequencies come from the host (made on the CPU, as the official code
+    does, and copied once per device); the angle tables and cos/sin of a grid are built on the
+    device that uses them, so a new grid costs no host copy, and kept for the last `cache_size`
+    grids, so a server alternating video sizes builds each size's tables once (the published
+    12 s grid: 13 MB on the device).
     """
+    cache_size = 4
 
     def __init__(self, axes_dims, max_pos=ROPE_MAX_POSITIONS):
         super().__init__()
@@ -83,14 +91,22 @@ class RoPE3D(nn.Module):
     def reset_buffers(self):
         for i, axis_dim in enumerate(self.axes_dims):
             self.register_buffer(f"args_{i}", rope_angle_table(axis_dim, self.max_pos))
-        self._tables = {}
+        self._tables = OrderedDict()  # (grid, device) → (cos, sin), least recently used first
+        self._freqs = {}  # device → each axis's frequencies there
 
     def forward(self, grid, device):  # grid: (F, H, W) in patches
-        key = (tuple(grid), device)
-        if key not in self._tables:
-            tables = [rope_angle_table(axis_dim, self.max_pos) for axis_dim in self.axes_dims]
-            cos, sin = rope_cos_sin(tables, grid)
-            self._tables = {key: (cos.to(device), sin.to(device))}  # one grid per run: keep only the last
+        key = (tuple(grid), torch.device(device))  # cos/sin are float32 whatever the model's dtype
+        if key in self._tables:
+            self._tables.move_to_end(key)
+            return self._tables[key]
+        device = key[1]
+        if device not in self._freqs:
+            self._freqs[device] = [sinusoid_freqs(axis_dim // 2).to(device) for axis_dim in self.axes_dims]
+        tables = [rope_angle_table(axis_dim, self.max_pos, freqs)
+                  for axis_dim, freqs in zip(self.axes_dims, self._freqs[device])]
+        self._tables[key] = rope_cos_sin(tables, grid)
+        while len(self._tables) > self.cache_size:
+            self._tables.popitem(last=False)
         return self._tables[key]
 
 

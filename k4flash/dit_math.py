@@ -20,19 +20,23 @@ DEFAULT_SDPA_BACKENDS = ("flash", "efficient", "math")
 
 
 def sinusoid_freqs(num_freqs: int, max_period: float = 10000.0) -> torch.Tensor:
-    """exp(-ln(max_period) * k / num_freqs) for k = 0..num_freqs-1, float32.
+    """exp(-ln(max_period) * k / num_freqs) for k = 0..num_freqs-1, float32, on the CPU.
 
-    The operation order matches the official code bit for bit (it matters for the
-    time embedding, whose arguments reach ~1000 rad).
+    The operation order and the device match the official code bit for bit (it matters for the
+    time embedding, whose arguments reach ~1000 rad): a GPU's exp can differ in the last bit, so the
+    frequencies are always made here and copied to a device once (the callers cache them per device).
     """
     k = torch.arange(start=0, end=num_freqs, dtype=torch.float32)
     return torch.exp(-math.log(max_period) * k / num_freqs)
 
 
-def rope_angle_table(axis_dim: int, max_pos: int = 128) -> torch.Tensor:
-    """Angles pos * freq for one RoPE axis: (max_pos, axis_dim // 2), float32."""
-    pos = torch.arange(max_pos, dtype=torch.float32)
-    return torch.outer(pos, sinusoid_freqs(axis_dim // 2))
+def rope_angle_table(axis_dim: int, max_pos: int = 128, freqs: torch.Tensor = None) -> torch.Tensor:
+    """Angles pos * freq for one RoPE axis: (max_pos, axis_dim // 2), float32, on the device of `freqs`
+    (default: sinusoid_freqs(axis_dim // 2), on the CPU). One correctly rounded product per entry: the same
+    bits on any device."""
+    freqs = sinusoid_freqs(axis_dim // 2) if freqs is None else freqs
+    pos = torch.arange(max_pos, dtype=torch.float32, device=freqs.device)
+    return torch.outer(pos, freqs)
 
 
 def rope_cos_sin(angle_tables, grid):
@@ -72,7 +76,11 @@ def attention_backends(names=DEFAULT_SDPA_BACKENDS):
     unknown = [name for name in names if name not in SDPA_BACKENDS]
     if unknown or not names:
         raise ValueError(f"SDPA backends {list(names)!r}: allowed names are {list(SDPA_BACKENDS)}")
-    return sdpa_kernel([SDPA_BACKENDS[name] for name in names])
+    backends = [SDPA_BACKENDS[name] for name in names]
+    try:  # without set_priority, torch keeps its own order among the allowed backends and "in that order" is false
+        return sdpa_kernel(backends, set_priority=True)
+    except TypeError:  # torch < 2.6 has no set_priority: its fixed order (flash, efficient, math) is the default's
+        return sdpa_kernel(backends)
 
 
 def joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -14,10 +14,11 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
-import imageio_ffmpeg
 import numpy as np
 import torch
 from PIL import Image
+
+from .ffmpeg import MissingEncoder, has_imageio_ffmpeg, imageio_ffmpeg, mp4_encoder_problem, write_with_path_ffmpeg
 
 
 def _umask() -> int:
@@ -114,8 +115,15 @@ def write_mp4(
     if fps <= 0:
         raise ValueError(f"fps={fps} must be positive")
 
+    if mp4_encoder_problem():  # before any file is made: one line naming what is missing and how to get it
+        raise MissingEncoder(mp4_encoder_problem())
+    if not has_imageio_ffmpeg():  # an offline node may lack the wheel but have an ffmpeg on PATH
+        with _atomic_target(path, overwrite, suffix=".mp4") as temp_path:
+            write_with_path_ffmpeg(temp_path, frames, fps, int(crf))
+        return Path(path)
+
     with _atomic_target(path, overwrite, suffix=".mp4") as temp_path:
-        writer = imageio_ffmpeg.write_frames(
+        writer = imageio_ffmpeg().write_frames(
             str(temp_path),
             (width, height),
             pix_fmt_in="rgb24",
@@ -179,7 +187,7 @@ def frames_to_pil(frames: np.ndarray | torch.Tensor) -> list[Image.Image]:
 
 def read_mp4_metadata(path: str | Path) -> dict[str, Any]:
     """ffmpeg's view of a video file: codec, pix_fmt, size (W, H), fps, duration."""
-    reader = imageio_ffmpeg.read_frames(str(path))
+    reader = imageio_ffmpeg().read_frames(str(path))
     try:
         return next(reader)
     finally:
@@ -188,7 +196,7 @@ def read_mp4_metadata(path: str | Path) -> dict[str, Any]:
 
 def read_mp4_frames(path: str | Path) -> np.ndarray:
     """Decode every frame of a video file into a uint8 array (T, H, W, 3)."""
-    reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
+    reader = imageio_ffmpeg().read_frames(str(path), pix_fmt="rgb24")
     try:
         meta = next(reader)
         width, height = meta["size"]

@@ -64,6 +64,9 @@ class Role:
 
         return functools.partial(decode_latents, vae)
 
+    def close(self) -> None:
+        """Release what was set up for this process's part (a multi-rank role: a process group it created)."""
+
 
 @dataclass
 class Generation:
@@ -75,7 +78,11 @@ class Generation:
 
 class Kandinsky4T2VPipeline:
     def __init__(self, device_map, dit, text_encoder, vae, schedule: Schedule, resolution=512, dtype=None,
-                 noise_dtype=torch.bfloat16, *, text_dim=None, metadata=None, role: Optional[Role] = None):
+                 noise_dtype=torch.bfloat16, *, text_dim=None, text_tokens=None, metadata=None,
+                 role: Optional[Role] = None):
+        """text_tokens: the text embedding's length, the encoder's max_length (default: the encoder's, else
+        224). Every process of a group must be given the same one: off the group main it sizes the buffer
+        the embedding is received into, and a broadcast does not check sizes."""
         validate_resolution(resolution)
         self.role = role or Role()
         self.device_map = normalize_device_map(device_map)
@@ -89,6 +96,10 @@ class Kandinsky4T2VPipeline:
         self.dtype = resolve_dtype(dtype, self.device_map["dit"])
         self.noise_dtype = noise_dtype
         self.text_dim = text_dim or (text_encoder.d_model if text_encoder is not None else None)
+        encoder_tokens = text_encoder.max_length if text_encoder is not None else None
+        self.text_tokens = text_tokens or encoder_tokens or TEXT_TOKENS
+        if encoder_tokens is not None and encoder_tokens != self.text_tokens:
+            raise ValueError(f"text_tokens={self.text_tokens} but the text encoder pads to {encoder_tokens}")
         self.metadata = dict(metadata or {})
 
     @property
@@ -105,7 +116,7 @@ class Kandinsky4T2VPipeline:
         return self._dit
 
     def encode_prompts(self, texts) -> list:
-        """Each prompt's text embedding (1, 224, d_model) in host memory, on the process that encodes (None
+        """Each prompt's text embedding (1, text_tokens, d_model) in host memory, on the process that encodes (None
         elsewhere). With text_encoder.offload=after_encode the encoder is freed afterwards: a batch encodes
         every prompt first, so T5 is gone before the DiT loads and denoises."""
         if self.text_encoder is None:
@@ -130,16 +141,18 @@ class Kandinsky4T2VPipeline:
         return torch.autocast(device_type=device.type, dtype=self.dtype)
 
     def encode_text(self, text: str, text_embed: torch.Tensor = None) -> torch.Tensor:
-        """(1, 224, d_model) on the DiT device in the DiT dtype; the group main encodes (or takes `text_embed`,
-        from encode_prompts), the others receive."""
+        """(1, text_tokens, d_model) on the DiT device in the DiT dtype; the group main encodes (or takes
+        `text_embed`, from encode_prompts), the others receive into a buffer of that size."""
         device = self.device_map["dit"]
         if self.text_encoder is not None:
             embed = text_embed if text_embed is not None else self._encode(text)
             embed = embed.to(device=device, dtype=self.dtype)
+            if embed.shape[1] != self.text_tokens:  # the other ranks receive text_tokens rows
+                raise ValueError(f"text_embed has {embed.shape[1]} tokens; this pipeline's is {self.text_tokens}")
             if self.text_encoder.offload == "after_encode" and not self.text_encoder.released:
                 self.text_encoder.release()
         else:
-            embed = torch.empty(1, TEXT_TOKENS, self.text_dim, device=device, dtype=self.dtype)
+            embed = torch.empty(1, self.text_tokens, self.text_dim, device=device, dtype=self.dtype)
         return self.role.share(embed)
 
     @torch.no_grad()
@@ -178,7 +191,7 @@ class Kandinsky4T2VPipeline:
         timings = {}
         clock = time.perf_counter()
 
-        # 2. Encode the prompt (224 tokens, no attention mask).
+        # 2. Encode the prompt (text_tokens: 224 published, no attention mask).
         text_embed = self.encode_text(text, text_embed)
         synchronize(self.device_map["dit"])
         timings["text_encode_s"] = time.perf_counter() - clock
@@ -201,6 +214,18 @@ class Kandinsky4T2VPipeline:
             timings["decode_s"] = time.perf_counter() - clock
         request = {"prompt": text, "seed": seed, "time_length": time_length, "width": width, "height": height}
         return Generation(request, latents, frames, timings)
+
+    def close(self) -> None:
+        """End what the loader set up for this pipeline and nothing else: under a launcher, the process group
+        get_T2V_pipeline created (one the caller initialised stays). A no-op in one process; idempotent.
+        After it the pipeline cannot generate on several ranks. Also `with get_T2V_pipeline(...) as pipe:`."""
+        self.role.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def write_outputs(self, generation: Generation, save_path, save_latents=False, overwrite=False,
                       extra_metadata=None) -> Path:
@@ -294,7 +319,7 @@ def load_pipeline(device_map, resolution: int = 512, cache_dir="./weights/", dit
     role = role or Role()
     validate_resolution(resolution)
     device_map = role.place(normalize_device_map(device_map))
-    max_length = TEXT_TOKENS
+    max_length = TEXT_TOKENS  # the text embedding's length: the encoder pads to it, the other ranks receive it
     if conf_path is not None:
         conf = _conf_from_official_yaml(conf_path)
         max_length = conf.pop("max_length")
@@ -326,4 +351,5 @@ def load_pipeline(device_map, resolution: int = 512, cache_dir="./weights/", dit
     if role.loads_vae:
         vae = load_vae(paths.vae, device=device_map["vae"], dtype=dtype)
     return Kandinsky4T2VPipeline(device_map, dit, text_encoder, vae, schedule, resolution=resolution, dtype=dtype,
-                                 noise_dtype=noise_dtype, text_dim=dit_params["in_text_dim"], role=role)
+                                 noise_dtype=noise_dtype, text_dim=dit_params["in_text_dim"], text_tokens=max_length,
+                                 role=role)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from k4flash.ffmpeg import mp4_encoder_problem
 from k4flash.geometry import validate_request, validate_seed
 from k4flash.output_paths import output_files
 from parallel.plan import env_world
@@ -48,6 +49,7 @@ def read_jobs(cfg) -> list:
     if cfg.prompts_file:
         jobs = read_prompts_file(cfg.prompts_file, defaults, cfg.output_dir)
         check_writable(Path(cfg.output_dir), "output_dir")
+        check_mp4_encoder(jobs)
         return jobs
     validate_request(cfg.prompt, cfg.time_length, cfg.height, cfg.width)
     job = Job(0, cfg.prompt, save_path=Path(cfg.save_path), **defaults)
@@ -56,7 +58,15 @@ def read_jobs(cfg) -> list:
         raise UsageError(f"{existing[0]} already exists (an output of save_path {job.save_path}); pass "
                          "overwrite=true to replace it")
     check_writable(job.output_path.parent, "save_path")
+    check_mp4_encoder([job])
     return [job]
+
+
+def check_mp4_encoder(jobs) -> None:
+    """A video needs an ffmpeg (k4flash/ffmpeg.py): without one, refuse before loading rather than after the DiT."""
+    problem = mp4_encoder_problem() if any(job.time_length > 0 for job in jobs) else None
+    if problem:
+        raise UsageError(problem)
 
 
 def check_serve(cfg) -> None:
@@ -74,6 +84,8 @@ def check_serve(cfg) -> None:
     if not s.drain_timeout_s > 0:
         raise UsageError(f"serve.drain_timeout_s={s.drain_timeout_s!r} must be positive")
     check_writable(Path(s.output_dir), "serve.output_dir")
+    if mp4_encoder_problem():  # a request for a video would fail mid-generation and end the job (exit 3)
+        raise UsageError(f"mode=serve: {mp4_encoder_problem()}")
     if env_world()[0] == 0:  # rank 0 listens
         check_listen(s.host, s.port)
 

@@ -8,6 +8,7 @@ group with the row-parallel decode (parallel/vae.py), or with `vae_parallel=Fals
 the first rank alone. The VAE wrapping and the decode it enables come from `decoder`, so
 they cannot be taken apart.
 """
+import atexit
 import functools
 
 import torch
@@ -30,8 +31,9 @@ class RankRole(Role):
     docs/parallel.md "Mesh and roles".
     """
 
-    def __init__(self, runtime: Runtime, vae_parallel: bool = True):
+    def __init__(self, runtime: Runtime, vae_parallel: bool = True, owns_runtime: bool = False):
         self.runtime = runtime
+        self.owns_runtime = owns_runtime  # load_rank_pipeline made the runtime: close() ends it
         self.sharded = runtime.group_size > 1
         # With one rank per model group there is nothing to split the decode over.
         self.decodes_in_parallel = self.sharded and vae_parallel
@@ -72,6 +74,12 @@ class RankRole(Role):
     def share(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.runtime.broadcast_from_group_main(tensor)
 
+    def close(self) -> None:
+        if self.owns_runtime:
+            self.owns_runtime = False
+            atexit.unregister(self.runtime.close)
+            self.runtime.close()  # destroys the process group only if init_runtime created it
+
     def decoder(self, vae):
         if self.decodes_in_parallel:
             return parallelize_vae(vae, self.runtime).decode  # collective: every rank of the job gets here
@@ -85,10 +93,23 @@ def load_rank_pipeline(*args, runtime: Runtime = None, tp: int = None, ulysses: 
     Joins the process group the launcher set up unless a `runtime` is given, with the plan of
     `tp` (ranks per TP group, default all that `ulysses` leaves), `ulysses` and `sequence_parallel`.
     On GPU each rank's DiT is on cuda:LOCAL_RANK.
+
+    A process group this call creates (none was initialised) belongs to the pipeline: `pipe.close()`
+    destroys it, and so does interpreter exit if close was not called. One the caller initialised, or
+    a `runtime` passed in, is left alone.
     """
-    if runtime is None:
+    owns_runtime = runtime is None
+    if owns_runtime:
         device = normalize_device_map(args[0] if args else kwargs["device_map"])["dit"]
         plan = Plan.for_world(env_world()[1], tp, ulysses, sequence_parallel)
         # A library call inside the caller's program: its exit is the caller's business.
         runtime = init_runtime("cuda" if device.type == "cuda" else "cpu", plan=plan, fast_exit=False)
-    return load_pipeline(*args, role=RankRole(runtime, vae_parallel=vae_parallel), **kwargs)
+        if runtime.owns_process_group:
+            # Destroyed at exit at the latest: NCCL warns of, and may hang on, a group never destroyed.
+            atexit.register(runtime.close)
+    role = RankRole(runtime, vae_parallel=vae_parallel, owns_runtime=owns_runtime)
+    try:
+        return load_pipeline(*args, role=role, **kwargs)
+    except BaseException:
+        role.close()  # a failed load leaves no group of its own behind
+        raise

@@ -38,6 +38,7 @@ class Runtime:
     group_mesh: object = None  # this rank's model group as a 1-D DeviceMesh; None when it is one rank
     dit_mesh: object = None  # what parallel.parallelize_dit takes: the TP group, or a ("ulysses", "tp") mesh
     dp_rank: int = 0  # which data-parallel group (share of the prompts) this rank works on
+    owns_process_group: bool = False  # init_runtime created the process group (none was initialised before)
 
     @property
     def dp_size(self) -> int:
@@ -83,6 +84,13 @@ class Runtime:
             return tensor
         group = self.group_mesh.get_group()
         return comm.broadcast_from(tensor, src=dist.get_global_rank(group, 0), group=group)
+
+    def close(self) -> None:
+        """Destroy the process group if init_runtime created it; a group it found already made is the maker's
+        to destroy. Idempotent."""
+        if self.owns_process_group:
+            self.owns_process_group = False
+            shutdown_runtime()
 
     def barrier(self):
         if self.distributed:
@@ -172,13 +180,14 @@ def init_runtime(device: str = "auto", timeout_s: float = 600.0, plan: Plan = No
     if backend == "nccl":
         for name, value in NCCL_ENV.items():  # read when the group forms; a user's own setting wins
             os.environ.setdefault(name, value)
-    if not dist.is_initialized():
+    created = not dist.is_initialized()
+    if created:
         # The heartbeat thread (parallel/health.py) names a rank that never joins after timeout_s; the
         # group's own timeout is the backstop behind it, so that NCCL's watchdog does not abort first.
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s + BACKSTOP_S),
                                 device_id=device if device.type == "cuda" else None)
     base = dict(rank=rank, world_size=world, local_rank=local_rank, device=device, plan=plan,
-                dp_rank=rank // plan.group_size)
+                dp_rank=rank // plan.group_size, owns_process_group=created)
     if plan.group_size == 1:  # pure data parallelism: its groups never talk during generation, so no communicator
         return Runtime(**base)
     group_mesh, dit_mesh = model_group_meshes(device.type, world, plan.ulysses, plan.tp)

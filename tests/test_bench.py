@@ -343,3 +343,41 @@ def test_each_shared_bench_helper_is_defined_once_and_no_module_is_long():
                 definitions.setdefault(name, []).append(str(path.relative_to(ROOT)))
     assert {name: paths for name, paths in definitions.items() if len(paths) > 1} == {}
     assert {"DIT_CONFIGS", "TIMESTEP", "dit_inputs", "Timer", "timed", "time_calls"} <= set(definitions)
+
+
+def _peak_cpu_bytes(fn):
+    """fn() under torch's profiler: (its result, the most CPU bytes it held at once, from the allocator's events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    live = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += event.self_cpu_memory_usage  # + on allocation inside the op, − on free
+        peak = max(peak, live)
+    return result, peak
+
+
+def test_random_published_dit_is_built_in_its_dtype_without_a_float32_copy():
+    """bench.random_weights builds the published DiT for the GPU benchmarks: staged in float32 and then cast,
+    it peaked at 3x its bf16 size (33 GB). It must hold about its own size, and draw the same weights."""
+    from bench.configs import DIT_CONFIGS
+    from bench.random_weights import build_random_dit
+
+    params = DIT_CONFIGS["mid"]["params"]  # 26 M parameters: the model, not the bookkeeping, dominates
+    model, peak = _peak_cpu_bytes(lambda: build_random_dit(params, "cpu", torch.bfloat16))
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert peak <= 1.05 * weights + buffers, f"peak {peak / weights:.2f}x the bf16 weights"
+    # The weights the float32-staged recipe drew (cast first, then drawn in bf16), value for value.
+    with torch.device("meta"):
+        staged = DiffusionTransformer3D(**params)
+    staged.to_empty(device="cpu").to(torch.bfloat16)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in staged.named_parameters():
+            if param.ndim == 2:
+                param.normal_(0.0, (0.1 if "modulation" in name else 1.0) / param.shape[1] ** 0.5, generator=generator)
+    built = dict(model.named_parameters())
+    assert all(torch.equal(built[name], p) for name, p in staged.named_parameters() if p.ndim == 2)

@@ -176,3 +176,81 @@ def test_attention_runs_on_the_chosen_sdpa_backends():
             model(x, text, t)
     assert_parity(math_only, default, atol=1e-5, rtol=1e-5, what="velocity")
     assert default.abs().mean() > 0.1
+
+
+class _OpDevices(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records (op name, device of each tensor output) of every aten op run inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        outputs = out if isinstance(out, (tuple, list)) else [out]
+        self.seen += [(func.__name__, t.device.type) for t in outputs if isinstance(t, torch.Tensor)]
+        return out
+
+
+def test_rope_and_time_tables_of_a_new_grid_are_made_on_the_device_that_uses_them():
+    # The meta device stands in for a GPU: anything made on the host, or copied over, shows as a cpu output
+    # or a copy op; on a GPU either would be a blocking pageable host → device copy per new geometry. Only the
+    # frequencies come from the host (exp on the CPU, as the official code computes them), once per device.
+    model = DiffusionTransformer3D(**get_init_dict())
+    meta = torch.device("meta")
+    model.rope_embeddings((3, 4, 6), meta), model.time_embeddings.freqs(meta)  # the first grid on this device
+    with _OpDevices() as ops:
+        cos, sin = model.rope_embeddings((5, 4, 6), meta)  # a new grid
+        freqs = model.time_embeddings.freqs(meta)
+    assert cos.device.type == sin.device.type == freqs.device.type == "meta"
+    assert ops.seen and all(device == "meta" for _, device in ops.seen), ops.seen
+    assert not [name for name, _ in ops.seen if "copy" in name or "_to_copy" in name], ops.seen
+    # On the CPU the tables are the ones built from the free functions, bit for bit.
+    cos, sin = model.rope_embeddings((3, 4, 6), torch.device("cpu"))
+    ref_cos, ref_sin = rope_cos_sin([rope_angle_table(d) for d in model.rope_embeddings.axes_dims], (3, 4, 6))
+    assert torch.equal(cos, ref_cos) and torch.equal(sin, ref_sin)
+
+
+def test_frequencies_are_the_host_ones_on_every_device():
+    """exp on a GPU can differ from the CPU's in the last bit, and the time embedding's angles reach ~1000 rad: the
+    frequencies are always the CPU's (the official code's), whatever device runs the model."""
+    from k4flash.dit_math import sinusoid_freqs
+    model = DiffusionTransformer3D(**get_init_dict())
+    with _OpDevices() as ops:
+        model.time_embeddings.freqs(torch.device("meta"))
+        model.rope_embeddings((3, 4, 6), torch.device("meta"))
+    assert [name for name, device in ops.seen if name.split(".")[0] == "exp" and device != "cpu"] == []
+    assert torch.equal(model.time_embeddings.freqs(torch.device("cpu")), sinusoid_freqs(model.time_embeddings.num_freqs))
+
+
+def test_rope_tables_are_cached_per_grid_and_the_cache_is_bounded(monkeypatch):
+    import k4flash.dit as dit_module
+
+    builds = []
+    monkeypatch.setattr(dit_module, "rope_cos_sin", lambda tables, grid: builds.append(tuple(grid)) or
+                        rope_cos_sin(tables, grid))
+    rope = DiffusionTransformer3D(**get_init_dict()).rope_embeddings
+    cpu = torch.device("cpu")
+    first = rope((3, 4, 6), cpu)
+    for grid in [(3, 8, 6), (3, 4, 6), (3, 8, 6), (3, 4, 6)]:  # a server alternating two video sizes
+        rope(grid, cpu)
+    assert builds == [(3, 4, 6), (3, 8, 6)]
+    assert rope((3, 4, 6), cpu) is first  # the same tensors, not a rebuild
+    for f in range(1, rope.cache_size + 3):
+        rope((f, 2, 2), cpu)
+    assert len(rope._tables) == rope.cache_size
+    assert builds[-1] == (rope.cache_size + 2, 2, 2) and len(builds) == 2 + rope.cache_size + 2
+
+
+def test_the_sdpa_backends_are_tried_in_the_order_given(monkeypatch):
+    """sdpa_kernel without set_priority=True only restricts the backends; torch then tries them in its own order, so
+    ("efficient", "flash") would still run flash where both apply."""
+    import k4flash.dit_math as dit_math
+    calls = []
+    real = dit_math.sdpa_kernel
+    monkeypatch.setattr(dit_math, "sdpa_kernel", lambda backends, **kwargs: calls.append((backends, kwargs)) or
+                        real(backends, **kwargs))
+    with dit_math.attention_backends(("math", "flash")):
+        q = torch.randn(1, 2, 8, 16)
+        torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    assert calls == [([dit_math.SDPA_BACKENDS["math"], dit_math.SDPA_BACKENDS["flash"]], {"set_priority": True})]

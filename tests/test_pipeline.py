@@ -37,20 +37,45 @@ def test_model_card_call_with_explicit_paths(tiny_weights, tmp_path):
     assert not list(tmp_path.glob(".*"))  # no temporary files left
 
 
-def test_official_conf_yaml(tiny_weights, tmp_path):
+def _official_conf(tiny_weights, tmp_path, tokens=224):
     conf = tmp_path / "conf.yaml"
     params = {k: list(v) if isinstance(v, tuple) else v for k, v in TINY_DIT_PARAMS.items()}
     conf.write_text(json.dumps({  # JSON is YAML
         "dit": {"params": params, "checkpoint_path": str(tiny_weights / "kandinsky4_distil_512.pt"),
                 "scheduler": str(tiny_weights / "scheduler")},
         "vae": {"checkpoint_path": str(tiny_weights / "vae")},
-        "text_embedder": {"emb_size": 32, "tokens_lenght": 224,
+        "text_embedder": {"emb_size": 32, "tokens_lenght": tokens,
                           "params": {"checkpoint_path": str(tiny_weights / "text_encoder"),
                                      "tokenizer_path": str(tiny_weights / "tokenizer")}},
         "resolution": 512}))
+    return conf
+
+
+def test_official_conf_yaml(tiny_weights, tmp_path):
+    conf = _official_conf(tiny_weights, tmp_path)
     pipe = get_T2V_pipeline("cpu", conf_path=str(conf), cache_dir=str(tmp_path / "none"), download=False)
     images = pipe(text=PROMPT, time_length=0, width=512, height=512, seed=1)
     assert len(images) == 1 and images[0].size == (512, 512)
+
+
+def test_a_receiving_rank_sizes_the_text_embedding_from_the_configured_length(tiny_weights, tmp_path):
+    """The conf's tokens_lenght sizes the embedding the group main encodes and the buffer the other ranks
+    receive it into: a broadcast does not check sizes, so a mismatch would be garbage or a hang."""
+    from k4flash.pipeline import Role, load_pipeline
+
+    class Receiver(Role):  # a group's other rank, with the broadcast left out
+        is_group_main = False
+        loads_vae = False
+
+    conf = str(_official_conf(tiny_weights, tmp_path, tokens=77))
+    main = load_pipeline("cpu", conf_path=conf, cache_dir=str(tmp_path / "none"), download=False)
+    other = load_pipeline("cpu", conf_path=conf, cache_dir=str(tmp_path / "none"), download=False, role=Receiver())
+    assert other.text_encoder is None
+    sent, received = main.encode_text(PROMPT), other.encode_text(PROMPT)
+    assert (tuple(sent.shape), tuple(received.shape)) == ((1, 77, 32), (1, 77, 32))
+    assert main.text_tokens == other.text_tokens == 77
+    with pytest.raises(ValueError, match="77"):
+        main.encode_text(PROMPT, text_embed=torch.zeros(1, 224, 32))
 
 
 def test_same_seed_same_video_other_seed_other_video(pipe):

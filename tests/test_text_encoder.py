@@ -109,3 +109,47 @@ def test_rejects_bad_prompts(encoder):
         encoder([1, 2])
     with pytest.raises(TypeError, match="prompt"):
         encoder.token_count(["a"])
+
+
+def _storage_ptr(t):
+    return t.untyped_storage().data_ptr()
+
+
+def test_pack_parameters_makes_each_parameter_a_view_of_one_buffer(tiny_weights):
+    from k4flash.text_encoder import PACK_ALIGN, pack_parameters
+
+    host = T5TextEncoder(tiny_weights / "text_encoder", tiny_weights / "tokenizer", offload="cpu")
+    params = list(host.encoder.parameters())
+    before = [p.detach().clone() for p in params]
+    expected = host(["a red square"])
+    allocations = []
+    flat = pack_parameters(params, lambda n: allocations.append(n) or torch.empty(n, dtype=torch.uint8))
+    assert len(allocations) == 1 and allocations[0] == flat.numel()
+    # Exactly the parameters' bytes, each rounded up to the alignment: no power-of-two rounding.
+    assert flat.numel() == sum(-(-p.numel() * p.element_size() // PACK_ALIGN) * PACK_ALIGN for p in params)
+    assert {_storage_ptr(p) for p in params} == {_storage_ptr(flat)}
+    assert all(torch.equal(p, b) and p.dtype == b.dtype and p.shape == b.shape for p, b in zip(params, before))
+    assert torch.equal(host(["a red square"]), expected)
+
+
+def test_block_streamer_pins_one_buffer_not_each_tensor(tiny_weights, monkeypatch):
+    """On a GPU the streamer pins T5 as one buffer: per-tensor pin_memory() rounds each tensor up to a power of
+    two in torch's caching host allocator. A stand-in for the pinned allocator lets it run here."""
+    import k4flash.text_encoder as text_encoder
+    from k4flash.text_encoder import BlockStreamer
+
+    resident = T5TextEncoder(tiny_weights / "text_encoder", tiny_weights / "tokenizer")
+    host = T5TextEncoder(tiny_weights / "text_encoder", tiny_weights / "tokenizer", offload="cpu")
+    per_tensor, buffers = [], []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a, **k: per_tensor.append(self.shape) or self)
+    monkeypatch.setattr(text_encoder, "pinned_host_bytes",
+                        lambda n, owner: buffers.append(owner) or torch.empty(n, dtype=torch.uint8), raising=False)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: None)  # no CUDA here; the streams are not used
+    streamer = BlockStreamer(host.encoder, "cuda")
+    assert per_tensor == [] and buffers == [streamer]
+    host_tensors = [t for stage in streamer.host for t in stage]
+    assert {_storage_ptr(t) for t in host_tensors} == {_storage_ptr(streamer.host_buffer)}
+    # The same embedding from the packed weights, streamed stage by stage (to the CPU here).
+    host.streamer = BlockStreamer(host.encoder, "cpu", host_allocator=lambda n: torch.empty(n, dtype=torch.uint8))
+    prompts = ["a red square", "two blue circles"]
+    assert torch.equal(host(prompts), resident(prompts))

@@ -324,3 +324,43 @@ def test_compiled_blocks_under_tp_send_the_same_collectives_and_give_the_same_ou
         compiled_out, compiled_calls, _ = rank["compiled"]
         assert compiled_calls == eager_calls == {"all_reduce": 2 * 2 * TINY_DIT_PARAMS["num_blocks"], "all_gather": 1}
         assert_parity(compiled_out, eager_out, **FORWARD_TOLERANCE, what="velocity")
+
+
+def _process_group_ownership(runtime, weights, port):
+    """On each rank: the model card's call under a launcher, first in a group the caller made (the harness's),
+    then in none, so that the call makes its own; whether a group is initialised at each point."""
+    import atexit
+    import os
+
+    import torch.distributed as dist
+
+    from k4flash import get_T2V_pipeline
+    from parallel.runtime import shutdown_runtime
+
+    load = dict(cache_dir=weights, dit_params=TINY_DIT_PARAMS, download=False)
+    seen = {}
+    hooks, register = [], atexit.register  # this rank's process ends after the test: no need to restore it
+    atexit.register = lambda fn, *args, **kwargs: hooks.append(fn.__qualname__) or register(fn, *args, **kwargs)
+    with get_T2V_pipeline("cpu", **load) as pipe:
+        pipe.generate("a red square", time_length=0, width=512, height=512, seed=1, progress=False)
+    seen["caller's group, after close"] = dist.is_initialized()
+    seen["caller's group, exit hooks"] = [name for name in hooks if name.startswith("Runtime.")]
+    shutdown_runtime()  # the caller is done with its group; the next call finds none
+    os.environ["MASTER_PORT"] = str(port)  # a fresh rendezvous: the old store went with the old group
+    pipe = get_T2V_pipeline("cpu", **load)
+    seen["library's group, loaded"] = dist.is_initialized()
+    seen["library's group, exit hooks"] = [name for name in hooks if name.startswith("Runtime.")]
+    pipe.generate("a red square", time_length=0, width=512, height=512, seed=1, progress=False)
+    pipe.close()
+    seen["library's group, after close"] = dist.is_initialized()
+    pipe.close()  # idempotent
+    return seen
+
+
+def test_the_library_destroys_the_process_group_it_created_and_only_that(tiny_weights):
+    from parallel.spawn import free_port
+
+    for seen in run_ranks(2, _process_group_ownership, tiny_weights, free_port()):
+        assert seen == {"caller's group, after close": True, "caller's group, exit hooks": [],
+                        "library's group, loaded": True, "library's group, exit hooks": ["Runtime.close"],
+                        "library's group, after close": False}

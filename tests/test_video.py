@@ -1,5 +1,8 @@
 import json
+import subprocess
+import sys
 
+import imageio_ffmpeg
 import numpy as np
 import pytest
 import torch
@@ -81,7 +84,7 @@ def test_overwrite_false_raises_and_keeps_old_file(tmp_path):
 
 
 def test_failing_writer_leaves_nothing(tmp_path, monkeypatch):
-    real_write_frames = outputs.imageio_ffmpeg.write_frames
+    real_write_frames = imageio_ffmpeg.write_frames
 
     def failing_write_frames(*args, **kwargs):
         writer = real_write_frames(*args, **kwargs)  # the real ffmpeg, writing the real temp file
@@ -97,7 +100,7 @@ def test_failing_writer_leaves_nothing(tmp_path, monkeypatch):
 
         return generator()
 
-    monkeypatch.setattr(outputs.imageio_ffmpeg, "write_frames", failing_write_frames)
+    monkeypatch.setattr(imageio_ffmpeg, "write_frames", failing_write_frames)
     target = tmp_path / "clip.mp4"
     with pytest.raises(OSError, match="simulated"):
         write_mp4(target, smooth_frames())
@@ -190,3 +193,55 @@ def test_every_writer_publishes_with_the_umask_mode(tmp_path):
         os.umask(previous)
         importlib.reload(outputs)
     assert {oct(stat.S_IMODE(p.stat().st_mode)) for p in written} == {oct(0o640)}
+
+
+# --- without imageio-ffmpeg (an offline node: README "Offline GPU nodes") ----------------------------------------
+
+@pytest.fixture
+def no_imageio_ffmpeg(monkeypatch, tmp_path):
+    """imageio_ffmpeg not importable and nothing on PATH but an empty folder."""
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # `import imageio_ffmpeg` raises ImportError
+    (tmp_path / "bin").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    return tmp_path / "bin"
+
+
+def test_without_imageio_ffmpeg_images_and_latents_are_written_and_an_mp4_is_one_clear_error(tmp_path,
+                                                                                             no_imageio_ffmpeg):
+    out = tmp_path / "out"
+    write_png(out / "x.png", smooth_frames(1)[0])
+    write_safetensors_atomic(out / "x.latents.safetensors", {"latents": torch.zeros(2, 3)})
+    with pytest.raises(outputs.MissingEncoder) as caught:
+        write_mp4(out / "x.mp4", smooth_frames())
+    message = str(caught.value)
+    assert "\n" not in message and "pip install imageio-ffmpeg" in message and "ffmpeg binary on PATH" in message
+    assert sorted(p.name for p in out.iterdir()) == ["x.latents.safetensors", "x.png"]  # no half-written MP4
+
+
+def test_without_imageio_ffmpeg_the_ffmpeg_on_path_writes_the_mp4(tmp_path, no_imageio_ffmpeg):
+    """imageio-ffmpeg's own binary stands in for a system ffmpeg; the file is what imageio-ffmpeg would write."""
+    (no_imageio_ffmpeg / "ffmpeg").symlink_to(imageio_ffmpeg.get_ffmpeg_exe())
+    frames = smooth_frames()
+    path = write_mp4(tmp_path / "clip.mp4", frames, crf=0)
+    reference = tmp_path / "reference.mp4"
+    sys.modules.pop("imageio_ffmpeg")  # the real package again, to write the reference and read both
+    sys.modules["imageio_ffmpeg"] = imageio_ffmpeg
+    write_mp4(reference, frames, crf=0)
+    meta = read_mp4_metadata(path)
+    assert meta["codec"] == "h264" and meta["pix_fmt"].startswith("yuv420p") and meta["fps"] == 8
+    assert np.array_equal(read_mp4_frames(path), read_mp4_frames(reference))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bin", "clip.mp4", "reference.mp4"]
+
+
+def test_the_cli_refuses_a_video_without_an_ffmpeg_before_loading(tmp_path):
+    """exit 2, one `error:` line, nothing written (tests/test_offline_node.py writes an image without it)."""
+    code = ("import sys; sys.modules['imageio_ffmpeg'] = None; sys.argv = sys.argv[1:]; "
+            "sys.path.insert(0, sys.argv[0].rsplit('/', 1)[0]); "  # the checkout first, as running the script does
+            "import runpy; runpy.run_path(sys.argv[0], run_name='__main__')")
+    script = str(outputs.Path(__file__).resolve().parents[1] / "run_inference_distil.py")
+    env = {"PATH": str(tmp_path), "HF_HUB_OFFLINE": "1", "K4FLASH_CACHE": str(tmp_path / "no-cache")}
+    result = subprocess.run([sys.executable, "-c", code, script, "model=tiny", "save_path=x.mp4"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1 and "imageio-ffmpeg" in errors[0], result.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -1,4 +1,5 @@
 """The checks table: each figure against its bound, and a failed check for each section that raised."""
+from bench.gpu_check.sdpa import BF16_ATTENTION_REL_L2, FP32_ATTENTION_REL_L2
 from parallel import cost
 
 # Bounds of the checks. fp32 kernels differ only in summation order: ~1e-6 per attention; the published
@@ -43,6 +44,12 @@ def check_rows(device, config_name, sections, world, timeout_s, errors=None):
         rows += [check(f"fp32 {fp32['kernel']} vs fp32 math: max rel err", fp32["max_rel_err"], "<=",
                        FP32_KERNEL_REL[device.type]),
                  check(f"bf16 {bf16['kernel']} vs fp32 math: rel L2 err", bf16["rel_l2_err"], "<=", BF16_REL_L2)]
+    if sections.get("sdpa"):
+        within = [row for row in sections["sdpa"] if row["available"] and row["within_bound"]]
+        rows.append(check("SDPA kernels alone within their error bound", len(within), ">", 0))
+        rows += [check(f"SDPA {row['kernel']} alone: rel L2 err vs fp32 math", row["rel_l2_err"], "<=",
+                       BF16_ATTENTION_REL_L2 if row["dtype"] != "float32" else FP32_ATTENTION_REL_L2)
+                 for row in sections["sdpa"] if row["available"]]
     if sections.get("sampler"):
         sampler = sections["sampler"]
         warned = sampler["warned_before_loop"] + sampler["warned_in_loop"] + sampler["warned_after_loop"]

@@ -1,5 +1,6 @@
 """What every section of the check shares: its configs, what a run measures on (`Run`), the progress log, and
 how an output is compared with its reference."""
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -7,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from bench.configs import DIT_CONFIGS, VAE_CONFIGS
+from bench.gpu_check.peaks import peak_tflops
 from parallel import cost
 
 # DIT_CONFIGS' published and tiny DiTs, each with the reduced geometry of section 2 and the VAE of section 4.
@@ -16,12 +18,16 @@ CONFIGS = {
                       vae_latent=cost.PUBLISHED_LATENT),
     "tiny": dict(DIT_CONFIGS["tiny"], fidelity_latent=(3, 8, 12), vae=VAE_CONFIGS["tiny"], vae_latent=(3, 8, 12)),
 }
-T0 = time.perf_counter()
+# The command's start (set by the command, inherited by its section processes): one clock for every progress line.
+STARTED_ENV = "K4FLASH_GPU_CHECK_T0"
+IMPORTED = time.time()
 
 
 def log(message):
     """Progress on stderr: an 8-minute run should show where it is."""
-    print(f"[gpu_check {time.perf_counter() - T0:6.1f} s] {message}", file=sys.stderr, flush=True)
+    elapsed = time.time() - float(os.environ.get(STARTED_ENV, IMPORTED))
+    sys.stderr.write(f"[gpu_check {elapsed:6.1f} s] {message}\n")
+    sys.stderr.flush()
 
 
 @dataclass
@@ -33,7 +39,7 @@ class Run:
     world: int  # ranks for sections 8 and 9
     compile_backend: str
     card: str
-    peak_flops: float  # the card's dense bf16 peak for MFU; None where unknown
+    peak_flops: float  # the card's dense bf16 peak for MFU (bench/gpu_check/peaks.py); None where unknown
 
     @property
     def config(self) -> dict:
@@ -62,7 +68,8 @@ def resolve_run(parser, args) -> Run:
         world = args.gpus if args.gpus is not None else torch.cuda.device_count()
         if world > torch.cuda.device_count():
             parser.error(f"--gpus {world}: {torch.cuda.device_count()} GPUs visible")
-    peak = args.peak_tflops * 1e12 if args.peak_tflops else (cost.H100_SXM.peak_bf16_flops if "H100" in card else None)
+    peak = peak_tflops(card, args.peak_tflops)["bf16"]
+    peak = peak * 1e12 if peak else None
     return Run(device, args.config or ("published" if device.type == "cuda" else "tiny"),
                torch.bfloat16 if device.type == "cuda" else torch.float32, world,
                args.compile_backend or ("inductor" if device.type == "cuda" else "aot_eager"), card, peak)

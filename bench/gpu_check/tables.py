@@ -1,12 +1,13 @@
 """The report's tables: one per section that ran (in section order), then the checks."""
 from bench.gpu_check.checks import fmt
+from bench.gpu_check.sdpa import BF16_ATTENTION_REL_L2
 from k4flash.published import NUM_STEPS
 from parallel import cost
 
 
-def add_tables(report, run, args, sections, memory, checks: list) -> None:
-    """One table per section that ran (a section that raised has its error line in the checks instead)."""
-    tables = [
+def section_tables(run, args) -> list:
+    """(figures key, title, columns) of every table a section can fill, in report order."""
+    return [
         ("model", "1. DiT at the geometry of the run", [
             ("config", "config", None), ("params_billion", "parameters (B)", ".3f"),
             ("weights_gib", "weights GiB", ".2f"), ("latent", "latent", None), ("tokens", "tokens", None),
@@ -16,6 +17,13 @@ def add_tables(report, run, args, sections, memory, checks: list) -> None:
             ("latent", "latent", None), ("tokens", "tokens", None), ("math_scores_gib", "math S² scores GiB", ".2f"),
             ("max_abs_err", "max abs err", ".3g"), ("max_rel_err", "max abs err / max |ref|", ".3g"),
             ("rel_l2_err", "rel L2 err", ".3g"), ("finite", "finite", None)]),
+        ("sdpa", f"2b. SDPA kernels alone: one attention at the run's geometry, against fp32 math at the reduced "
+                 f"one (bound {BF16_ATTENTION_REL_L2:g} in bf16)", [
+            ("kernel", "kernel", None), ("available", "available", None), ("dtype", "dtype", None),
+            ("tokens", "tokens", None), ("median_s", "median s", ".4g"), ("min_s", "min s", ".4g"),
+            ("rel_l2_err", "rel L2 err vs math", ".3g"), ("max_rel_err", "max abs err / max |ref|", ".3g"),
+            ("within_bound", "within bound", None), ("fastest", "fastest within bound", None),
+            ("note", "why unavailable", None)]),
         ("steps", f"3. DiT step (one forward) on {run.card}", [
             ("variant", "variant", None), ("median_s", "step median s", ".4f"), ("min_s", "min s", ".4f"),
             ("first_call_s", "first call s", ".2f"), ("tflops", "achieved TFLOP/s", ".3g"), ("mfu", "MFU", ".1%"),
@@ -48,8 +56,12 @@ def add_tables(report, run, args, sections, memory, checks: list) -> None:
             ("fault_to_exit_s", "fault → exit s", ".1f"), ("error_line", "rank 0's error line", None),
             ("outputs_left", "files left", None)]),
     ]
-    figures = dict(sections, memory=memory.rows)
-    for key, title, columns in tables:
+
+
+def add_tables(report, run, args, figures, memory_rows, checks: list) -> None:
+    """One table per section that ran (a section that raised has its error line in the checks instead)."""
+    figures = dict(figures, memory=memory_rows)
+    for key, title, columns in section_tables(run, args):
         rows = figures.get(key)
         if rows:
             report.table(title, columns, rows if isinstance(rows, list) else [rows])

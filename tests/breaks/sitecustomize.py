@@ -1,4 +1,4 @@
-"""Test-only: break one piece of parallel/ in every process of a launched run (torchrun, torchrun.sh), so a test
+"""Test-only: break one piece of the product in every process of a launched run (torchrun, torchrun.sh), so a test
 that compares a subprocess run's outputs can show its comparison fails when the feature is broken.
 
 Used by putting this folder first on PYTHONPATH with K4FLASH_TEST_BREAK set to one of BREAKS; Python imports
@@ -33,7 +33,22 @@ def _shift_slice(load):
     load.take_shard = neighbours
 
 
-BREAKS = {"all_reduce": ("parallel.comm", _drop_all_reduce), "shifted_slice": ("parallel.load", _shift_slice)}
+def _decode_raises(vae):
+    """The VAE decode raises as a CUDA out-of-memory error does (an ordinary exception)."""
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore detail")
+    vae.decode_latents = out_of_memory
+
+
+def _decode_aborts(vae):
+    """The VAE decode ends its process in native code, as a sticky CUDA error or a segfault does: no `except` runs."""
+    def abort(*args, **kwargs):
+        os.abort()
+    vae.decode_latents = abort
+
+
+BREAKS = {"all_reduce": ("parallel.comm", _drop_all_reduce), "shifted_slice": ("parallel.load", _shift_slice),
+          "decode_raises": ("k4flash.vae", _decode_raises), "decode_aborts": ("k4flash.vae", _decode_aborts)}
 
 
 class _PatchAfterImport(importlib.abc.MetaPathFinder):
