@@ -142,6 +142,13 @@ class BlockStreamer:
             self.on_device.pop(index)
 
 
+def _check_options(max_length, dtype) -> None:
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+        raise ValueError(f"max_length={max_length!r} must be a positive int")
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype={dtype!r} must be a torch.dtype such as torch.float32 or torch.bfloat16")
+
+
 class T5TextEncoder:
     """T5 encoder + tokenizer; calling it maps prompts to (B, max_length, d_model) embeddings.
 
@@ -161,17 +168,28 @@ class T5TextEncoder:
         dtype: torch.dtype = torch.float32,
         offload: str = "none",
     ):
-        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
-            raise ValueError(f"max_length={max_length!r} must be a positive int")
-        if not isinstance(dtype, torch.dtype):
-            raise TypeError(f"dtype={dtype!r} must be a torch.dtype such as torch.float32 or torch.bfloat16")
+        _check_options(max_length, dtype)
+        # Never trust_remote_code: a weights folder must not be able to run code.
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path), trust_remote_code=False)
+        encoder = T5EncoderModel.from_pretrained(str(encoder_path), dtype=dtype, trust_remote_code=False)
+        self._place(encoder, tokenizer, max_length, device, dtype, offload)
+
+    @classmethod
+    def from_modules(cls, encoder, tokenizer, max_length: int = TEXT_TOKENS, device="cpu", dtype=torch.float32,
+                     offload: str = "none") -> "T5TextEncoder":
+        """An encoder from a T5EncoderModel and tokenizer already built (in `dtype`), placed as `offload` says:
+        for benchmarks that run the published shape with random weights, which no checkpoint holds."""
+        _check_options(max_length, dtype)
+        text_encoder = cls.__new__(cls)
+        text_encoder._place(encoder, tokenizer, max_length, device, dtype, offload)
+        return text_encoder
+
+    def _place(self, encoder, tokenizer, max_length, device, dtype, offload) -> None:
         self.max_length = max_length
         self.device = torch.device(device)
         self.dtype = dtype
         self.offload = validate_offload(offload)
-        # Never trust_remote_code: a weights folder must not be able to run code.
-        self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path), trust_remote_code=False)
-        encoder = T5EncoderModel.from_pretrained(str(encoder_path), dtype=dtype, trust_remote_code=False)
+        self.tokenizer = tokenizer
         self.config = encoder.config
         self.streamer = None
         if offload == "cpu":

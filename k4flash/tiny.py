@@ -215,7 +215,7 @@ def _nmt_nfkc_normalizer_spec():
     return proto.normalizer_spec
 
 
-def _write_tiny_tokenizer(folder: Path) -> int:
+def write_tiny_tokenizer(folder: Path) -> int:
     """Write a T5-style tokenizer folder (spiece.model + configs, like the real one); returns its length."""
     from sentencepiece import sentencepiece_model_pb2
 
@@ -282,7 +282,7 @@ def _build_tiny_weights(folder: Path) -> None:
     folder.mkdir(parents=True)
     torch.save(tiny_dit_state_dict(seed=_DIT_SEED), folder / DIT_FILENAME)
 
-    tokenizer_length = _write_tiny_tokenizer(folder / "tokenizer")
+    tokenizer_length = write_tiny_tokenizer(folder / "tokenizer")
     # Real T5 pads its embedding table to a multiple of 128 (32100 tokens → 32128 rows).
     vocab_size = math.ceil(tokenizer_length / 128) * 128
 

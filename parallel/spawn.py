@@ -27,7 +27,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, fn, args, queue, device, tp):
+def _worker(rank, world, port, fn, args, queue, device, degrees):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
     import torch
@@ -35,7 +35,7 @@ def _worker(rank, world, port, fn, args, queue, device, tp):
     from parallel.plan import Plan
     from parallel.runtime import init_runtime, shutdown_runtime
     try:
-        runtime = init_runtime(device, timeout_s=120, plan=Plan.for_world(world, tp))
+        runtime = init_runtime(device, timeout_s=120, plan=Plan.for_world(world, *degrees))
         # plain pickle copies tensors: torch's shared-memory handles die with the child
         queue.put((rank, pickle.dumps(fn(runtime, *args)), None))
     except BaseException:  # report, don't hang the parent
@@ -53,16 +53,19 @@ def rank_context(start_method="forkserver"):
     return ctx
 
 
-def run_ranks(world, fn, *args, timeout=300, device="cpu", tp=None, start_method="forkserver"):
+def run_ranks(world, fn, *args, timeout=300, device="cpu", tp=None, ulysses=1, sequence_parallel=False,
+              start_method="forkserver"):
     """fn(runtime, *args) on `world` ranks; returns the per-rank results in rank order.
 
-    tp: ranks per tensor-parallel group (default: all of them). device="cuda": rank r on cuda:r over NCCL
-    (benchmarks on a GPU node); default gloo CPU ranks. start_method: see rank_context.
+    tp: ranks per tensor-parallel group (default: all that ulysses leaves); ulysses, sequence_parallel: the rest
+    of the plan (parallel.plan.Plan.for_world). device="cuda": rank r on cuda:r over NCCL (benchmarks on a GPU
+    node); default gloo CPU ranks. start_method: see rank_context.
     """
     ctx = rank_context(start_method)
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, fn, args, queue, device, tp)) for r in range(world)]
+    procs = [ctx.Process(target=_worker, args=(r, world, port, fn, args, queue, device,
+                                                 (tp, ulysses, sequence_parallel))) for r in range(world)]
     for p in procs:
         p.start()
     results = {}

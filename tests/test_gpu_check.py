@@ -32,7 +32,7 @@ from parity import break_env
 from readme_commands import readme_command
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("1.", "2.", "2b.", "3.", "4.", "5.", "6.", "7.", "Checks")
+SECTIONS = ("1.", "2.", "2b.", "3.", "4.", "5.", "6.", "7.", "10.", "Checks")
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +84,8 @@ def test_smoke_figures_agree_with_each_other(smoke):
     # 3 latent frames of 8 x 12 → 4·(3-1)+1 frames of 64 x 96 in one chunk (2 per chunk; the odd one joins the first)
     assert (vae["frames"], vae["chunks"], vae["output_finite"]) == ("9x64x96", 1, True)
     memory = tables["5."]
-    # dit: build, eager, compiled; backends: build, forwards, kernels; sampler: build, run; vae: decode
-    assert len(memory) == 9 and all(r["peak_gib"] >= r["start_gib"] > 0 for r in memory)
+    # dit: build, eager, compiled; backends: build, forwards, kernels; sampler: build, run; vae; pipeline
+    assert len(memory) == 10 and all(r["peak_gib"] >= r["start_gib"] > 0 for r in memory)
     (sampler,) = tables["6."]
     assert sampler["steps"] == 4 and sampler["latents_finite"] and sampler["profiler"] == "CPU only"
     assert sampler["syncs_total"] == sampler["dtoh_copies"] == sampler["warned_in_loop"] == 0  # no CUDA on a CPU
@@ -113,6 +113,15 @@ def test_each_sdpa_kernel_alone_is_timed_and_checked_or_said_unavailable(smoke):
     assert 0 < flash["rel_l2_err"] < 1e-5  # fp32: only the summation order differs from math
 
 
+def test_the_pipeline_runs_end_to_end_in_every_offload_mode_with_the_same_latents(smoke):
+    rows = _tables(smoke[0])["10."]
+    assert [row["offload"] for row in rows] == ["none", "after_encode", "cpu"]
+    for row in rows:
+        assert row["latents_equal_none"] and row["latents_finite"] and row["written"] == "png"  # an image: a PNG
+        assert row["total_s"] == pytest.approx(row["text_encode_s"] + row["denoise_s"] + row["decode_s"] +
+                                               row["write_s"])
+
+
 def test_checks_pass_on_the_cpu_and_gpu_only_ones_are_not_applied(smoke):
     data, markdown = smoke
     checks = {row["check"].split(":")[0] if row["check"].startswith("sampler") else row["check"]: row
@@ -132,7 +141,12 @@ def test_a_failing_figure_fails_its_check():
     figures = dict(backends=backends, sdpa=sdpa, steps=[dict(output_finite=True)], vae=dict(output_finite=True),
                     sampler=dict(latents_finite=True, syncs_in_loop=1, syncs_total=2, warned_before_loop=0,
                                  warned_in_loop=0, warned_after_loop=1),
-                    end_to_end=[dict(total_s=12.0)], tp=[{}, dict(rel_l2_err=0.01, speedup=0.9)],
+                    end_to_end=[dict(total_s=12.0)],
+                    pipeline=[dict(offload="none", latents_equal_none=True, latents_finite=True, total_s=10.5),
+                              dict(offload="cpu", latents_equal_none=False, latents_finite=True, total_s=14.0)],
+                    tp=[{}, dict(rel_l2_err=0.01, speedup=0.9)],
+                    plans=[dict(plan="ulysses=2", rel_l2_err=0.2), dict(plan="tp=2, sequence parallel", note="heads"),
+                           dict(plan="VAE decode, rows split over 2", max_frame_diff=7)],
                     faults=[dict(fault="hang:1:2", exit_status=-9, capped=True, names_culprit=False,
                                  fault_to_exit_s=None)])
     verdicts = {row["check"]: row["passed"] for row in
@@ -148,8 +162,13 @@ def test_a_failing_figure_fails_its_check():
         "sampler: sync warnings in the step loop (sync debug mode)": True,
         "sampler: sync warnings in the whole call (sync debug mode)": True,
         "end-to-end estimate, best row s": False,  # 12 s > the seed's 11 s
+        "pipeline, offload=none: latents equal offload=none's and finite": True,
+        "pipeline, offload=cpu: latents equal offload=none's and finite": False,  # streamed T5 changed the video
+        "pipeline end to end, offload=none, total s": True,  # 10.5 s, within the seed's 11 s
         "tp=2 vs tp=1: rel L2 err": True,
         "tp=2 speed-up over tp=1": False,
+        "ulysses=2 vs one rank: rel L2 err": False,  # 0.2 > 0.05 (a plan not run adds no check)
+        "VAE decode, rows split over 2: max frame difference from one rank": False,  # 7 levels > 2
         "hang:1:2: non-zero exit within the cap": False,  # capped: it ran past the wall-clock cap
         "hang:1:2: one error line, naming rank 1": False,
         "hang:1:2: seconds from the fault to the exit": False,
@@ -165,8 +184,8 @@ def test_a_section_that_fails_or_crashes_fails_its_check_and_the_others_still_re
                                                                                     breakage, error):
     for name, value in break_env(breakage).items():  # breaks k4flash.vae in the section processes only
         monkeypatch.setenv(name, value)
-    data = command.main(["--smoke", "--no-compile", "--warmup", "1", "--repeats", "1", "--json",
-                         str(tmp_path / "c.json")])
+    data = command.main(["--smoke", "--no-compile", "--warmup", "1", "--repeats", "1", "--sections",
+                         "dit,backends,sampler,vae", "--json", str(tmp_path / "c.json")])
     tables = _tables(data)
     assert data["settings"]["checks_passed"] is False
     assert "4." not in tables and "7." not in tables  # no decode, so no end-to-end estimate either
@@ -198,8 +217,12 @@ def test_a_killed_run_leaves_a_report_of_every_finished_section(tmp_path):
     tables = _tables(data)
     assert {"1.", "3.", "5.", "Checks"} <= set(tables) and "4." not in tables
     assert "**1. DiT at the geometry of the run**" in (out / "gpu_check.md").read_text()
-    time.sleep(1.0)
-    survivors = [pid for pid in os.listdir("/proc") if pid.isdigit() and _cmdline(pid).count(str(out))]
+    deadline = time.monotonic() + 10  # SIGKILL on the parent's death is immediate; its teardown takes a moment
+    while True:
+        survivors = [pid for pid in os.listdir("/proc") if pid.isdigit() and _cmdline(pid).count(str(out))]
+        if not survivors or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert survivors == [], f"section processes outlived the command: {survivors}"
 
 
@@ -243,7 +266,7 @@ def test_unknown_sections_are_refused_naming_the_allowed_ones():
     result = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--smoke", "--sections", "dit,vea"], cwd=ROOT,
                             env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stdout == ""
-    assert "'dit,vea': allowed sections are dit, backends, sampler, vae, tp, faults" in result.stderr
+    assert "'dit,vea': allowed sections are dit, backends, sampler, vae, pipeline, tp, plans, faults" in result.stderr
 
 
 @pytest.mark.parametrize("card, bf16", [
@@ -286,6 +309,19 @@ def test_tensor_parallel_section_on_two_gloo_ranks():
     assert (one["tp"], two["tp"]) == (1, 2) and one["speedup"] == 1.0
     assert two["finite"] and two["rel_l2_err"] < 1e-5 and two["max_rel_err"] < 1e-5  # fp32: only the order differs
     assert two["median_s"] > 0 and two["speedup"] == pytest.approx(one["median_s"] / two["median_s"])
+
+
+def test_the_other_plans_and_the_row_split_vae_on_two_gloo_ranks():
+    from bench.gpu_check import plans
+    assert [label for label, _ in plans.plan_list(8)] == ["tp=8, sequence parallel", "ulysses=8", "ulysses=2 x tp=4"]
+    rows = {row["plan"]: row for row in plans.plan_rows(2, "tiny", "cpu", warmup=1, repeats=2, vae_repeats=1)}
+    assert set(rows) == {"tp=2, sequence parallel", "ulysses=2", "VAE decode, rows split over 2"}
+    for label in ("tp=2, sequence parallel", "ulysses=2"):  # fp32: only the summation order differs
+        assert rows[label]["finite"] and 0 < rows[label]["rel_l2_err"] < 1e-5, rows[label]
+    vae = rows["VAE decode, rows split over 2"]
+    assert vae["frames"] == "9x64x96" and vae["max_frame_diff"] <= checks.VAE_FRAME_DIFF["cpu"]
+    verdicts = checks.check_rows(torch.device("cpu"), "tiny", {"plans": list(rows.values())}, 2, 60.0)
+    assert all(row["passed"] for row in verdicts), verdicts
 
 
 def test_refuses_without_cuda_and_without_smoke():

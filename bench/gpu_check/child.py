@@ -12,16 +12,20 @@ import sys
 from pathlib import Path
 
 
+PARENT_ENV = "K4FLASH_GPU_CHECK_PID"
+
+
 def die_with_parent() -> None:
     """SIGKILL this process when the command dies (a `kill -9` of the command must not leave a section holding the
     GPU): Linux's PR_SET_PDEATHSIG, set first thing; a parent already gone by then ends it at once."""
-    parent = os.getppid()
     try:
         import ctypes
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
     except (OSError, AttributeError):  # not Linux: the command's own cleanup is all there is
         return
-    if os.getppid() != parent:
+    # The command's pid, from the command itself: one read here could already be the reaper's, had it died since
+    # the fork.
+    if os.getppid() != int(os.environ.get(PARENT_ENV, os.getppid())):
         os._exit(1)
 
 

@@ -126,7 +126,8 @@ def run_isolated(section, argv, timeout_s) -> dict:
     """One section in its own process (and process group): its result, or one error saying how the process ended."""
     with tempfile.TemporaryDirectory(prefix="gpu_check_section_") as tmp:
         result_path = Path(tmp) / "result.json"
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+                   K4FLASH_GPU_CHECK_PID=str(os.getpid()))  # child.PARENT_ENV
         child = subprocess.Popen([sys.executable, "-m", "bench.gpu_check.child", section.name, str(result_path),
                                   *argv], env=env, stdout=2, stderr=subprocess.PIPE, text=True,
                                  start_new_session=True)

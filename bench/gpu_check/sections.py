@@ -105,10 +105,24 @@ def run_tp(run, args, memory, figures):
                   args.repeats)
 
 
+def run_plans(run, args, memory, figures):
+    """11: sequence-parallel TP, Ulysses (and Ulysses x TP) and the row-split VAE decode against one rank."""
+    from bench.gpu_check.plans import plan_rows
+    figures.guard("plans", "11", plan_rows, run.world, run.config_name, run.device.type, args.warmup, args.repeats,
+                  args.vae_repeats)
+
+
 def run_faults(run, args, memory, figures):
     """9: faults injected into rank 1 of a launched tiny job."""
     from bench.gpu_check.faults import fault_rows
     figures.guard("faults", "9", fault_rows, run.world, run.device.type, args.fault_timeout_s, args.fault_cap_s)
+
+
+def run_pipeline(run, args, memory, figures):
+    """10: one video end to end, per text_encoder.offload mode."""
+    from bench.gpu_check.pipeline import pipeline_rows
+    with memory.stage("10. pipeline end to end, each text-encoder offload"):
+        figures.guard("pipeline", "10", pipeline_rows, run)
 
 
 @dataclass(frozen=True)
@@ -124,13 +138,18 @@ class Section:
 
 # Estimates for the published DiT on one H100/H200 (bf16) and for --smoke (tiny, fp32) on a 2-core CPU. The GPU
 # ones are reasoned, not yet measured: CUDA context and imports ~15 s, a random 5.5 B DiT ~15 s, inductor's
-# compile of the blocks ~90 s, the 12 s VAE decode ~10 s a run; the fault runs each start a 2-rank job (~30 s).
+# compile of the blocks ~90 s, the 12 s VAE decode ~10 s a run, random T5-XXL ~10 s; the pipeline section builds
+# its three models once per text-encoder offload mode; the fault runs each start a 2-rank job (~30 s).
 SECTIONS = (
     Section("dit", "1, 3", "the DiT built, one step eager and compiled", (), dict(cuda=150, cpu=40), run_dit),
     Section("backends", "2", "SDPA backends and bf16 against fp32 math", (), dict(cuda=60, cpu=15), run_backends),
     Section("sampler", "6", "host syncs of the sampler", ("diffusers",), dict(cuda=60, cpu=20), run_sampler),
     Section("vae", "4", "the VAE decode of the run's video", ("diffusers",), dict(cuda=60, cpu=20), run_vae),
+    Section("pipeline", "10", "one video end to end per text_encoder.offload (T5, DiT, VAE, writers)", ("diffusers",),
+            dict(cuda=240, cpu=45), run_pipeline),
     Section("tp", "8", "tensor parallel parity and speed-up", (), dict(cuda=90, cpu=40), run_tp, ranks=True),
+    Section("plans", "11", "sequence-parallel TP, Ulysses and the row-split VAE against one rank", ("diffusers",),
+            dict(cuda=150, cpu=60), run_plans, ranks=True),
     Section("faults", "9", "faults injected into a launched job", ("hydra", "omegaconf", "diffusers"),
             dict(cuda=200, cpu=120), run_faults, ranks=True),
 )

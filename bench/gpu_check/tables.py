@@ -46,11 +46,24 @@ def section_tables(run, args) -> list:
             ("denoise", "denoise from", None), ("t5_s", "T5 s (cost model)", ".3f"),
             ("denoise_s", "denoise s", ".3f"), ("vae_s", "VAE s", ".3f"), ("total_s", "total s", ".3f"),
             ("vs_seed", "seed / total", ".2f")]),
+        ("pipeline", f"10. One video end to end (random weights, seed 0), per text_encoder.offload, against the "
+                     f"seed's {cost.SEED_CLAIM_S:g} s", [
+            ("offload", "offload", None), ("video", "video", None), ("build_s", "build s", ".1f"),
+            ("text_encode_s", "T5 s", ".3f"), ("denoise_s", "denoise s", ".3f"), ("decode_s", "decode s", ".3f"),
+            ("write_s", "write s", ".3f"), ("total_s", "total s", ".3f"), ("vs_seed", "seed / total", ".2f"),
+            ("peak_gib", "peak GiB", ".1f"), ("written", "written", None),
+            ("latents_equal_none", "latents = none's", None), ("latents_finite", "finite", None)]),
         ("tp", f"8. Tensor parallel ({'NCCL' if run.device.type == 'cuda' else 'gloo'}, {run.config_name} DiT)", [
             ("tp", "tp", None), ("median_s", "step median s", ".4f"), ("min_s", "min s", ".4f"),
             ("speedup", "speed-up", ".2f"), ("max_rel_err", "max rel err vs tp=1", ".3g"),
             ("rel_l2_err", "rel L2 err vs tp=1", ".3g"), ("peak_gib", "peak GiB / rank", ".2f"),
             ("finite", "finite", None)]),
+        ("plans", f"11. The other plans on {run.world} ranks against one rank "
+                  f"({'NCCL' if run.device.type == 'cuda' else 'gloo'}, {run.config_name} DiT and VAE)", [
+            ("plan", "plan", None), ("median_s", "median s", ".4f"), ("one_gpu_s", "one rank s", ".4f"),
+            ("speedup", "speed-up", ".2f"), ("max_rel_err", "max rel err", ".3g"), ("rel_l2_err", "rel L2 err", ".3g"),
+            ("max_frame_diff", "max frame diff (of 255)", None), ("frames", "frames TxHxW", None),
+            ("peak_gib", "peak GiB / rank", ".2f"), ("finite", "finite", None), ("note", "not run because", None)]),
         ("faults", f"9. Faults on {run.world} ranks (parallel.timeout_s={args.fault_timeout_s:g})", [
             ("fault", "K4FLASH_TEST_FAULT", None), ("exit_status", "exit", None), ("capped", "capped", None),
             ("fault_to_exit_s", "fault → exit s", ".1f"), ("error_line", "rank 0's error line", None),

@@ -17,8 +17,9 @@ def _timed_forwards(forward, timer, warmup, repeats, barrier=None):
         return time_calls(forward, repeats, barrier, timer)  # barrier: every rank starts the step together
 
 
-def _tp_rank(runtime, config_name, warmup, repeats):
-    """One rank: the full model alone (tp = 1), then sharded over the group (tp = N); the same inputs."""
+def sharded_rank(runtime, config_name, warmup, repeats):
+    """One rank: the full model alone (one GPU), then sharded by the runtime's plan (TP, sequence-parallel TP,
+    Ulysses or both) over its model group; the same inputs."""
     import torch.distributed as dist
 
     from parallel.tp import parallelize_dit
@@ -41,7 +42,7 @@ def _tp_rank(runtime, config_name, warmup, repeats):
     one_times = _timed_forwards(forward, timer, warmup, repeats)
     with torch.no_grad():
         reference = forward().float()
-    parallelize_dit(model, runtime.dit_mesh)
+    parallelize_dit(model, runtime.dit_mesh, sequence_parallel=runtime.sequence_parallel)  # the runtime's plan
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the full weights are gone; leave the shard's peak clean
         torch.cuda.reset_peak_memory_stats(device)
@@ -55,7 +56,7 @@ def _tp_rank(runtime, config_name, warmup, repeats):
 
 def tensor_parallel_rows(world, config_name, device_type, warmup, repeats):
     """Section 8: a tp = 1 row and a tp = `world` row, measured on `world` ranks (NCCL on cuda, gloo on cpu)."""
-    per_rank = run_ranks(world, _tp_rank, config_name, warmup, repeats, device=device_type, timeout=600)
+    per_rank = run_ranks(world, sharded_rank, config_name, warmup, repeats, device=device_type, timeout=600)
     one = per_rank[0]["one_times"]
     sharded = slowest_rank_times(r["sharded_times"] for r in per_rank)
     worst = max(per_rank, key=lambda r: r["rel_l2_err"])
