@@ -160,6 +160,18 @@ def run_isolated(section, argv, timeout_s) -> dict:
         f"its process {how} before reporting" + (f"; last line: {last.strip()}" if last else ""))[:300]})
 
 
+def skip_reason(section, run, estimate, left):
+    """Why `section` does not run (None: it runs); left: seconds of --budget-s left, None without a budget."""
+    missing = missing_modules(section)
+    if section.ranks and run.world <= 1:
+        return "one rank (--gpus N, N > 1, runs it)"
+    if missing:
+        return f"needs {', '.join(missing)}, not installed (bench.wheelhouse fetches it)"
+    if left is not None and estimate > left:
+        return f"its estimate, {estimate} s, exceeds the {max(left, 0):.0f} s left of --budget-s"
+    return None
+
+
 def main(argv=None) -> dict:
     """One run of the check; returns the report's JSON-able dict (settings["checks_passed"]: the verdict)."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -176,15 +188,7 @@ def main(argv=None) -> dict:
     for section in [BY_NAME[name] for name in args.sections]:
         left = None if args.budget_s is None else args.budget_s - (time.monotonic() - started)
         estimate = section.estimate_s[run.device.type]
-        missing = missing_modules(section)
-        if section.ranks and run.world <= 1:
-            skipped = "one rank (--gpus N, N > 1, runs it)"
-        elif missing:
-            skipped = f"needs {', '.join(missing)}, not installed (bench.wheelhouse fetches it)"
-        elif left is not None and estimate > left:
-            skipped = f"its estimate, {estimate} s, exceeds the {max(left, 0):.0f} s left of --budget-s"
-        else:
-            skipped = None
+        skipped = skip_reason(section, run, estimate, left)
         if skipped:
             progress.notes.append(f"section {section.numbers} ({section.name}) skipped: {skipped}")
             log(f"{section.name}: skipped, {skipped}")
