@@ -14,6 +14,7 @@ on first use when missing (root and apt-get only).
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
 import signal
@@ -83,6 +84,23 @@ def free_port() -> int:
     with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def port_below_ephemeral(low: int = 20000) -> int:
+    """A free port below the kernel's ephemeral range. A port a job keeps across a requeue (MASTER_PORT) is free
+    while the job waits to restart; an ephemeral one can meanwhile be handed to another test's bind(0) or outgoing
+    connection, and the restarted rendezvous then meets a stranger's server (seen under xdist)."""
+    first_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    candidates = list(range(low, max(low + 1, first_ephemeral)))
+    random.shuffle(candidates)
+    for port in candidates:
+        with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    return free_port()
 
 
 def memory_mb() -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from slurm_cluster import TERMINAL_STATES, LocalSlurm, SlurmUnavailable, ensure_installed, free_port
+from slurm_cluster import TERMINAL_STATES, LocalSlurm, SlurmUnavailable, ensure_installed, port_below_ephemeral
 from test_cli import ENTRY
 
 pytestmark = pytest.mark.slow  # launchers and servers: `-m "not slow"` leaves them out
@@ -80,7 +80,7 @@ def _hard_timeout(request):
 def job_env(tiny_cache) -> dict:
     """What the jobs get on top of this environment (--export=ALL,...): 2 CPU ranks, offline, the tiny cache."""
     return {"NPROC_PER_NODE": "2", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "K4FLASH_CACHE": str(tiny_cache),
-            "MASTER_PORT": str(free_port())}
+            "MASTER_PORT": str(port_below_ephemeral())}  # kept across requeues: out of others' way
 
 
 def job_log(cluster, job_id, cwd) -> str:
