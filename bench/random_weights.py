@@ -1,5 +1,5 @@
-"""The published-size models with random weights, materialised directly on the device that runs them: no
-checkpoint, and no host copy of the weights (5.5 B parameters would be 22 GB in float32)."""
+"""The published-size models (DiT, VAE, T5 encoder) with random weights, materialised directly on the device
+that runs them: no checkpoint, and no host copy of the weights (5.5 B parameters would be 22 GB in float32)."""
 import math
 
 import torch
@@ -55,3 +55,23 @@ def build_random_vae(vae_config, device, dtype, seed=0):
     for param in vae.decoder.conv_out.parameters():
         param.mul_(0.3)
     return vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def build_random_t5(t5_config: dict, vocab_size: int, device, dtype, seed=0):
+    """A T5 encoder of `t5_config`'s shape (cost.T5_XXL on a GPU) with random weights, built in `dtype` on `device`
+    (meta first: no float32 copy, no host copy when `device` is a GPU)."""
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(**{"feed_forward_proj": "gated-gelu", "is_encoder_decoder": False, "use_cache": False,
+                         "tie_word_embeddings": False, **t5_config, "vocab_size": vocab_size})  # T5-v1.1's kind
+    with torch.device("meta"):
+        model = T5EncoderModel(config)
+    model.to(dtype).to_empty(device=device)
+    generator = torch.Generator(device).manual_seed(seed)
+    for name, param in model.named_parameters():
+        if "layer_norm" in name:
+            param.fill_(1.0)
+        else:  # embeddings and projections: unit-scale activations through the blocks
+            param.normal_(0.0, 1 / math.sqrt(param.shape[-1]), generator=generator)
+    return model.eval().requires_grad_(False)
