@@ -62,3 +62,25 @@ def validate_offload(offload, allow_auto=False) -> str:
         raise ValueError(f"text_encoder.offload={offload!r}: allowed values are {list(allowed)}")
     return offload
 
+
+QUANTIZE_CHOICES = ("none", "fp8")  # dit.quantize (k4flash/fp8.py)
+DIT_OFFLOADS = ("none", "during_decode")  # dit.offload: where the DiT is while the VAE decodes
+
+
+def validate_dit_offload(offload, allow_auto=False) -> str:
+    allowed = DIT_OFFLOADS + (("auto",) if allow_auto else ())
+    if offload not in allowed:
+        raise ValueError(f"dit.offload={offload!r}: allowed values are {list(allowed)}")
+    return offload
+
+
+def validate_quantize(quantize: str, fp8_skip, num_blocks: int) -> None:
+    """dit.quantize and dit.fp8_skip (block indices of a DiT with `num_blocks` pairs, negative from the end)."""
+    if quantize not in QUANTIZE_CHOICES:
+        raise ValueError(f"dit.quantize={quantize!r}: allowed values are {list(QUANTIZE_CHOICES)}")
+    blocks = 2 * num_blocks
+    bad = [i for i in fp8_skip if isinstance(i, bool) or not isinstance(i, int) or not -blocks <= i < blocks]
+    if bad:
+        raise ValueError(f"dit.fp8_skip={list(fp8_skip)}: {bad[0]!r} is not a block index; this DiT's blocks are "
+                         f"0..{blocks - 1}, or -1..-{blocks} from the last (block pair i holds blocks 2i and 2i+1)")
+

@@ -18,7 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .devices import normalize_device_map, resolve_dtype, synchronize
-from .geometry import FPS, latent_shape, num_latent_frames, validate_offload, validate_request, validate_resolution
+from .geometry import (FPS, latent_shape, num_latent_frames, validate_offload, validate_quantize, validate_request,
+                       validate_resolution)
 from .output_paths import derived_path, media_path, output_files
 from .outputs import frames_to_pil, write_json_atomic, write_mp4, write_png, write_safetensors_atomic
 from .published import PUBLISHED_DIT_PARAMS, TEXT_TOKENS
@@ -46,8 +47,9 @@ class Role:
         """resolve(download) → WeightPaths; a multi-rank role lets one rank download while the rest wait."""
         return resolve(download)
 
-    def load_dit(self, params: dict, checkpoint_path, device, dtype) -> torch.nn.Module:
-        return load_dit(params, checkpoint_path, device=device, dtype=dtype)
+    def load_dit(self, params: dict, checkpoint_path, device, dtype, **quantization) -> torch.nn.Module:
+        """quantization: quantize=, fp8_skip= (k4flash/fp8.py)."""
+        return load_dit(params, checkpoint_path, device=device, dtype=dtype, **quantization)
 
     @property
     def loads_vae(self) -> bool:
@@ -303,7 +305,7 @@ def load_pipeline(device_map, resolution: int = 512, cache_dir="./weights/", dit
                   text_encoder_path=None, tokenizer_path=None, vae_path=None, scheduler_path=None, conf_path=None, *,
                   dit_params: dict = None, dtype: torch.dtype = None, download: bool = True,
                   noise_dtype: torch.dtype = torch.bfloat16, compile: bool = False, text_encoder_offload: str = "none",
-                  role: Optional[Role] = None) -> Kandinsky4T2VPipeline:
+                  quantize: str = "none", fp8_skip=(), role: Optional[Role] = None) -> Kandinsky4T2VPipeline:
     """Resolve the weights, load T5, DiT and VAE as `role` says (default: all of them, here), return the pipeline.
 
     The arguments are the model card's `get_T2V_pipeline` (k4flash/__init__.py), which calls this
@@ -311,7 +313,8 @@ def load_pipeline(device_map, resolution: int = 512, cache_dir="./weights/", dit
     else a FileNotFoundError names the missing file and where to put it. `dit_params` defaults to
     the published DiT. `compile=True` torch.compiles the DiT's blocks (DiffusionTransformer3D.compile_blocks).
     `text_encoder_offload` (T5TextEncoder): none, cpu, or after_encode, which loads T5 before the DiT and
-    the DiT only once T5 is freed (at the first denoise).
+    the DiT only once T5 is freed (at the first denoise). `quantize="fp8"` runs the DiT's block matmuls in float8
+    except for the `fp8_skip` blocks (k4flash/fp8.py); the weights may be the bf16 checkpoint or its FP8 conversion.
     """
     from .text_encoder import T5TextEncoder
     from .vae import load_vae
@@ -328,6 +331,8 @@ def load_pipeline(device_map, resolution: int = 512, cache_dir="./weights/", dit
             dit_path or conf["dit_path"], scheduler_path or conf["scheduler_path"], vae_path or conf["vae_path"],
             text_encoder_path or conf["text_encoder_path"], tokenizer_path or conf["tokenizer_path"])
     dit_params = dict(dit_params or PUBLISHED_DIT_PARAMS)
+    fp8_skip = tuple(fp8_skip)
+    validate_quantize(quantize, fp8_skip, dit_params["num_blocks"])
     paths = role.fetch_weights(functools.partial(resolve_weight_paths, cache_dir, dit_path, text_encoder_path,
                                                  tokenizer_path, vae_path, scheduler_path), download)
     dtype = resolve_dtype(dtype, device_map["dit"])
@@ -336,9 +341,12 @@ def load_pipeline(device_map, resolution: int = 512, cache_dir="./weights/", dit
     schedule = load_schedule(paths.scheduler)
 
     def load_dit_now():
-        dit = role.load_dit(dit_params, paths.dit, device=device_map["dit"], dtype=dtype)
+        dit = role.load_dit(dit_params, paths.dit, device=device_map["dit"], dtype=dtype, quantize=quantize,
+                            fp8_skip=fp8_skip)
         return dit.compile_blocks() if compile else dit
 
+    # An FP8 DiT's video differs from the published dtype's: its sidecar says so.
+    quantized = {"dit_quantize": quantize, "dit_fp8_skip": list(fp8_skip)} if quantize != "none" else {}
     deferred = text_encoder_offload == "after_encode" and role.is_group_main
     dit = load_dit_now if deferred else load_dit_now()
     text_encoder = vae = None
@@ -352,4 +360,4 @@ def load_pipeline(device_map, resolution: int = 512, cache_dir="./weights/", dit
         vae = load_vae(paths.vae, device=device_map["vae"], dtype=dtype)
     return Kandinsky4T2VPipeline(device_map, dit, text_encoder, vae, schedule, resolution=resolution, dtype=dtype,
                                  noise_dtype=noise_dtype, text_dim=dit_params["in_text_dim"], text_tokens=max_length,
-                                 role=role)
+                                 role=role, metadata=quantized)

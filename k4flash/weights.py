@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from . import fp8
 from .dit import DiffusionTransformer3D
 from .published import COMPONENTS_REPO, DIT_FILENAME, DIT_REPO, PUBLISHED_DIT_PARAMS
 
@@ -254,7 +255,9 @@ class SafetensorsCheckpoint:
         self.path, self._open = str(path), safe_open
         try:
             with safe_open(self.path, framework="pt") as f:
-                self.shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+                slices = {k: f.get_slice(k) for k in f.keys()}
+                self.shapes = {k: tuple(piece.get_shape()) for k, piece in slices.items()}
+                self.quantized = {k for k, piece in slices.items() if piece.get_dtype() == "F8_E4M3"}  # FP8 keys
         except Exception as err:
             raise CheckpointError(f"cannot read DiT checkpoint {path}: {type(err).__name__}: {err}".splitlines()[0]) \
                 from err
@@ -277,14 +280,23 @@ class TorchCheckpoint:
     def __init__(self, path):
         self.state = read_checkpoint(path)
         self.shapes = {k: tuple(v.shape) for k, v in self.state.items()}
+        self.quantized = {k for k, v in self.state.items() if v.dtype == fp8.FP8}
 
     def reader(self, key):
         return slice_reader(self.state[key])
 
 
-def open_checkpoint(checkpoint_path):
+def open_checkpoint(checkpoint_path, model=None):
     """(checkpoint, path): the .safetensors sibling when there is one (no unpickling, per-tensor reads), else
-    the file itself; `checkpoint.shapes` is every key's shape, `checkpoint.reader(key)(rows, cols)` a block."""
+    the file itself; `checkpoint.shapes` is every key's shape, `checkpoint.reader(key)(rows, cols)` a block.
+    For an FP8 `model`, first its FP8 conversion `<stem>.fp8.safetensors` when that suits the model's fp8_skip."""
+    fp8_path = fp8.fp8_sibling(checkpoint_path)
+    if model is not None and fp8.is_quantized(model) and fp8_path.is_file():
+        checkpoint = SafetensorsCheckpoint(fp8_path)
+        if fp8.checkpoint_expectation(model.state_dict(), checkpoint.shapes, checkpoint.quantized)[1] is None:
+            return checkpoint, fp8_path
+        log.info("%s quantizes blocks that dit.fp8_skip keeps in bf16; quantizing %s while loading instead",
+                 fp8_path, checkpoint_path)
     path = preferred_checkpoint(checkpoint_path)
     if path.suffix == ".safetensors":
         return SafetensorsCheckpoint(path), path
@@ -294,8 +306,12 @@ def open_checkpoint(checkpoint_path):
 
 
 def check_checkpoint(checkpoint, path, model) -> None:
-    """check_state_dict on the checkpoint's shapes alone (nothing is read)."""
-    check_state_dict({k: torch.empty(s, device="meta") for k, s in checkpoint.shapes.items()}, model.state_dict(),
+    """check_state_dict on the checkpoint's shapes alone (nothing is read), for a bf16 or an FP8 model
+    (k4flash/fp8.py: an FP8 model takes either kind of file, a bf16 one only a bf16 file)."""
+    expected, problem = fp8.checkpoint_expectation(model.state_dict(), checkpoint.shapes, checkpoint.quantized)
+    if problem:
+        raise CheckpointError(f"DiT checkpoint {path} {problem}")
+    check_state_dict({k: torch.empty(s, device="meta") for k, s in checkpoint.shapes.items()}, expected,
                      source=f"DiT checkpoint {path}")
 
 
@@ -364,15 +380,22 @@ def owned_copy(tensor, device, dtype) -> torch.Tensor:
     return out.clone() if from_file and out.data_ptr() == tensor.data_ptr() else out
 
 
-def load_dit(params: dict, checkpoint_path, device="cpu", dtype=torch.float32) -> DiffusionTransformer3D:
-    """Build the DiT on the meta device, check the checkpoint's keys and shapes, read it tensor by tensor
-    into place on `device` in `dtype`, eval. The host never holds more than one tensor beyond the model."""
+def load_dit(params: dict, checkpoint_path, device="cpu", dtype=torch.float32, *, quantize="none",
+             fp8_skip=()) -> DiffusionTransformer3D:
+    """Build the DiT on the meta device (its big linears FP8 with quantize="fp8", but for the fp8_skip blocks),
+    check the checkpoint's keys and shapes, read it tensor by tensor into place on `device` in `dtype` (an FP8
+    weight in e4m3 from an FP8 file, or quantized from a bf16 one), eval. The host never holds more than one
+    tensor beyond the model."""
+    fp8.validate_quantize(quantize, fp8_skip, params["num_blocks"])
     with torch.device("meta"):
         model = DiffusionTransformer3D(**params)
-    checkpoint, path = open_checkpoint(checkpoint_path)
+    if quantize == "fp8":
+        fp8.quantize_dit(model, fp8_skip)
+    checkpoint, path = open_checkpoint(checkpoint_path, model)
     check_checkpoint(checkpoint, path, model)
-    state = {name: owned_copy(checkpoint.reader(name)(None, None), device, dtype)
-             for name, _ in model.named_parameters()}
+    readers = fp8.tensor_readers(checkpoint, model)
+    state = {name: owned_copy(readers[name](None, None), device, fp8.load_dtype(name, param.dtype, dtype))
+             for name, param in model.named_parameters()}
     model.load_state_dict(state, strict=False, assign=True)
     model.init_derived_buffers()  # the RoPE buffers are still meta
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)  # FP8 layers keep theirs (fp8.py)

@@ -82,6 +82,18 @@ class TextEncoderConfig:
 
 
 @dataclass
+class DiTConfig:
+    quantize: str = key("none: the published dtype; fp8: the blocks' attention and MLP matmuls in float8 e4m3 with "
+                        "per-channel weight and per-token activation scales (half the DiT's memory; the video "
+                        "differs slightly, README \"FP8\"); never chosen by parallel.plan=auto", "none")
+    fp8_skip: List[int] = key("dit.quantize=fp8: transformer blocks kept in bf16, by index 0..2·num_blocks-1 "
+                              "(negative: from the last)", factory=list)
+    offload: str = key("where the DiT is while the VAE decodes: none = stays on the GPU; during_decode = freed "
+                       "before the decode (one video), or moved to pinned host memory and back (batches, serve); "
+                       "auto = during_decode only when the memory plan needs it. Outputs are bit-identical", "auto")
+
+
+@dataclass
 class VAEConfig:
     parallel: bool = key("with a model group (ulysses x tp) of more than one rank, all of them decode a band of "
                          "latent rows (exact: the one-rank frames) and its first rank writes; false: the first "
@@ -113,6 +125,7 @@ class RunConfig:
                     "requests over HTTP (README \"Serve\")", "generate")
     serve: ServeConfig = key("mode=serve: the HTTP server", factory=ServeConfig)
     text_encoder: TextEncoderConfig = key("text encoder placement", factory=TextEncoderConfig)
+    dit: DiTConfig = key("the DiT's precision and placement", factory=DiTConfig)
     vae: VAEConfig = key("VAE decode", factory=VAEConfig)
     prompt: str = key("the text prompt (single-video mode)", "")
     seed: int = key("one CPU generator: the same seed gives the same video on any device and rank count", 42)

@@ -19,7 +19,8 @@ def build_pipeline(cfg, runtime, dtype, weights_dir, offload="none"):
     from parallel.rank_pipeline import load_rank_pipeline
 
     kwargs = dict(cache_dir=weights_dir, dtype=dtype, download=cfg.download, dit_params=dit_params(cfg),
-                  compile=cfg.compile, text_encoder_offload=offload)
+                  compile=cfg.compile, text_encoder_offload=offload, quantize=cfg.dit.quantize,
+                  fp8_skip=tuple(cfg.dit.fp8_skip))
     if runtime.distributed:
         return load_rank_pipeline(runtime.device, runtime=runtime, vae_parallel=cfg.vae.parallel, **kwargs)
     return load_pipeline(runtime.device, **kwargs)

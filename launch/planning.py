@@ -8,7 +8,7 @@ left to choose.
 import logging
 from dataclasses import dataclass
 
-from k4flash.geometry import validate_offload
+from k4flash.geometry import validate_dit_offload, validate_offload, validate_quantize
 from parallel.plan import Plan, env_world, validate_plan_degrees, validate_world
 
 from .checks import UsageError, dit_params
@@ -44,6 +44,8 @@ def request_plan(cfg) -> PlanRequest:
         if p.plan not in PLAN_CHOICES:
             raise ValueError(f"parallel.plan={p.plan!r}: allowed values are {list(PLAN_CHOICES)}")
         validate_offload(cfg.text_encoder.offload, allow_auto=True)
+        validate_quantize(cfg.dit.quantize, list(cfg.dit.fp8_skip), cfg.model.dit_params.num_blocks)
+        validate_dit_offload(cfg.dit.offload, allow_auto=True)
         ulysses = 1 if p.ulysses is None else p.ulysses
         if p.plan == "manual":
             plan = Plan.for_world(world, p.tp, ulysses, bool(p.sequence_parallel))

@@ -61,11 +61,11 @@ class RankRole(Role):
             return resolve(False)
         return fetch_on_rank0(resolve, self.runtime.rank, self.runtime.world_size)
 
-    def load_dit(self, params, checkpoint_path, device, dtype):
+    def load_dit(self, params, checkpoint_path, device, dtype, **quantization):
         if self.sharded:
             return load_dit_sharded(params, checkpoint_path, self.runtime.dit_mesh, device=device, dtype=dtype,
-                                    sequence_parallel=self.runtime.sequence_parallel)
-        return load_dit(params, checkpoint_path, device=device, dtype=dtype)
+                                    sequence_parallel=self.runtime.sequence_parallel, **quantization)
+        return load_dit(params, checkpoint_path, device=device, dtype=dtype, **quantization)
 
     @property
     def loads_vae(self) -> bool:

@@ -24,6 +24,7 @@ import math
 import torch.nn.functional as F
 from torch import nn
 
+from k4flash import fp8
 from k4flash.dit import OutLayer, attend
 
 from . import comm
@@ -101,6 +102,11 @@ def project_head_blocks(layer, blocks):
     size, width = blocks.shape[0], blocks.shape[-1]
     weight = layer.weight  # (out, size · width): block j's columns at j · width
     with_bias = getattr(layer, "adds_bias", True)
+    if getattr(layer, "weight_scale", None) is not None:
+        # FP8: one activation scale per token over its whole row, as on one rank; quantizing copies it anyway
+        whole = blocks.permute(1, 2, 0, 3).flatten(2)  # (size, B, s, w) → (B, s, size · w)
+        out = fp8.linear(layer, whole, layer.bias if with_bias else None)
+        return layer.reduce(out) if hasattr(layer, "reduce") else out
     out = F.linear(blocks[0], weight[:, :width], layer.bias if with_bias else None)  # (B, s, out)
     flat = out.view(-1, out.shape[-1])
     for j in range(1, size):

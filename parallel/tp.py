@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from k4flash import fp8
+from k4flash.fp8 import Fp8Linear, QuantizableLinear
 from k4flash.weights import slice_reader
 
 from . import comm
@@ -63,14 +65,14 @@ def take_shard(read, style, kind: str, shape, rank: int, world: int) -> torch.Te
     full tensor (so a caller can slice a file without loading the whole tensor).
     """
     if style == ROWWISE:
-        if kind == "bias":  # whole on every rank; one of them adds it (RowParallelLinear)
+        if kind != "weight":  # bias and FP8 scale belong to the output rows: whole on every rank; one adds the bias
             return read(None, None)
         cols = shape[1]
         return read(None, (rank * cols // world, (rank + 1) * cols // world))
     return torch.cat([read((a, b), None) for a, b in shard_rows(style, shape[0], rank, world)])
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(QuantizableLinear):
     """y = all_reduce(x_local @ W_localᵀ (+ b on one rank)): the input features are this rank's heads / ff slice.
 
     scatter_tokens (sequence parallelism): reduce-scatter over the tokens instead, so each rank
@@ -87,7 +89,7 @@ class RowParallelLinear(nn.Module):
     def forward(self, x):  # (B, S, in_local) → (B, S, out), or (B, S / k, out) with scatter_tokens
         # The bias rides in one rank's matmul (adds_bias: the group's first), so the sum carries it once and no
         # rank spends a pass over the output adding it.
-        return self.reduce(F.linear(x, self.weight, self.bias if self.adds_bias else None))
+        return self.reduce(fp8.linear(self, x, self.bias if self.adds_bias else None))
 
     def reduce(self, partial):
         """The group's sum of every rank's partial output (this rank's token shard of it with scatter_tokens)."""
@@ -96,7 +98,7 @@ class RowParallelLinear(nn.Module):
         return comm.all_reduce_sum(partial, self.group)
 
 
-class TokenGatherLinear(nn.Module):
+class TokenGatherLinear(QuantizableLinear):
     """Column-parallel under sequence parallelism: all-gather the group's token shards, then this rank's rows."""
 
     def __init__(self, in_features, out_local, group, device=None, dtype=None):
@@ -106,7 +108,7 @@ class TokenGatherLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_local, device=device, dtype=dtype))
 
     def forward(self, x):  # (B, S / k, in) → (B, S, out_local)
-        return F.linear(comm.all_gather_tokens(x, self.group), self.weight, self.bias)
+        return fp8.linear(self, comm.all_gather_tokens(x, self.group), self.bias)
 
 
 class GatheredLinear(nn.Module):
@@ -144,15 +146,22 @@ class ModulationGather:
 
 def _replacement(style, linear: nn.Linear, group, rank, world, sequence_parallel):
     out_features, in_features = linear.weight.shape
-    kw = dict(device=linear.weight.device, dtype=linear.weight.dtype)
+    kw = dict(device=linear.weight.device, dtype=linear.bias.dtype)
+    quantized = getattr(linear, "weight_scale", None) is not None  # an Fp8Linear (k4flash/fp8.py)
     if style == ROWWISE:
-        return RowParallelLinear(in_features // world, out_features, group, scatter_tokens=sequence_parallel,
-                                 adds_bias=rank == 0, **kw)
-    if style == GATHERED:
+        new = RowParallelLinear(in_features // world, out_features, group, scatter_tokens=sequence_parallel,
+                                adds_bias=rank == 0, **kw)
+    elif style == GATHERED:
         return GatheredLinear(out_features // world, in_features, **kw)
-    if sequence_parallel:
-        return TokenGatherLinear(in_features, out_features // world, group, **kw)
-    return nn.Linear(in_features, out_features // world, **kw)
+    elif sequence_parallel:
+        new = TokenGatherLinear(in_features, out_features // world, group, **kw)
+    else:
+        new = (Fp8Linear if quantized else nn.Linear)(in_features, out_features // world, **kw)
+    if quantized:  # the shard's shapes in e4m3 + float32 scales; filled below or by the sharded loader
+        rows, cols = new.weight.shape
+        new.make_fp8(torch.empty(rows, cols, dtype=fp8.FP8, device=kw["device"]),
+                     torch.empty(rows, dtype=torch.float32, device=kw["device"]))
+    return new
 
 
 def mesh_coords(mesh) -> tuple:
@@ -210,7 +219,7 @@ def parallelize_dit(model, mesh, *, sequence_parallel: bool = False):
             new = _replacement(style, linear, tp_group, rank, world, sequence_parallel)
             if linear.weight.device.type != "meta":
                 with torch.no_grad():
-                    for kind in ("weight", "bias"):
+                    for kind in ("weight", "bias", "weight_scale")[:3 if hasattr(new, "weight_scale") else 2]:
                         full = getattr(linear, kind)
                         piece = take_shard(slice_reader(full), style, kind, full.shape, rank, world)
                         getattr(new, kind).copy_(piece)
@@ -232,7 +241,9 @@ def sharded_parameters(model) -> dict:
         return out
     for path, style in dit_shard_styles(len(model.transformer_blocks)).items():
         module = model.get_submodule(path)
-        for kind in ("weight", "bias"):
+        for kind in ("weight", "bias", "weight_scale"):
+            if not hasattr(module, kind):
+                continue
             local = tuple(getattr(module, kind).shape)
             if style == ROWWISE:
                 full = (local[0], local[1] * world) if kind == "weight" else local

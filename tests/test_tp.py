@@ -191,6 +191,9 @@ class _CountingSlice:
     def get_shape(self):
         return self.piece.get_shape()
 
+    def get_dtype(self):
+        return self.piece.get_dtype()
+
     def __getitem__(self, index):
         tensor = self.piece[index]
         self.counter[0] += tensor.numel() * tensor.element_size()
@@ -222,8 +225,9 @@ def _pipeline_bytes_read(runtime, weights, whole_then_shard=False):
     from k4flash.weights import load_dit
     from parallel.rank_pipeline import RankRole
 
-    def whole_then_sharded(role, params, checkpoint, device, dtype):
-        return parallelize_dit(load_dit(params, checkpoint, device=device, dtype=dtype), role.runtime.dit_mesh)
+    def whole_then_sharded(role, params, checkpoint, device, dtype, **quantization):
+        return parallelize_dit(load_dit(params, checkpoint, device=device, dtype=dtype, **quantization),
+                               role.runtime.dit_mesh)
     read_bytes = [0]
     counting = _CountingSafetensors(safetensors.safe_open, read_bytes, only="kandinsky4_distil_512.safetensors")
     with mock.patch.object(safetensors, "safe_open", counting), \
