@@ -18,8 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .devices import normalize_device_map, resolve_dtype, synchronize
-from .geometry import (FPS, latent_shape, num_latent_frames, validate_offload, validate_quantize, validate_request,
-                       validate_resolution)
+from .geometry import (FPS, latent_shape, num_latent_frames, validate_dit_offload, validate_offload, validate_quantize,
+                       validate_request, validate_resolution)
 from .output_paths import derived_path, media_path, output_files
 from .outputs import frames_to_pil, write_json_atomic, write_mp4, write_png, write_safetensors_atomic
 from .published import PUBLISHED_DIT_PARAMS, TEXT_TOKENS
@@ -81,8 +81,8 @@ class Generation:
 class Kandinsky4T2VPipeline:
     def __init__(self, device_map, dit, text_encoder, vae, schedule: Schedule, resolution=512, dtype=None,
                  noise_dtype=torch.bfloat16, *, text_dim=None, text_tokens=None, metadata=None,
-                 role: Optional[Role] = None):
-        """text_tokens: the text embedding's length, the encoder's max_length (default: the encoder's, else
+                 role: Optional[Role] = None, dit_offload: str = "none"):
+        """dit_offload: where the DiT is during the decode (none, during_decode). text_tokens: the text embedding's length, the encoder's max_length (default: the encoder's, else
         224). Every process of a group must be given the same one: off the group main it sizes the buffer
         the embedding is received into, and a broadcast does not check sizes."""
         validate_resolution(resolution)
@@ -103,6 +103,7 @@ class Kandinsky4T2VPipeline:
         if encoder_tokens is not None and encoder_tokens != self.text_tokens:
             raise ValueError(f"text_tokens={self.text_tokens} but the text encoder pads to {encoder_tokens}")
         self.metadata = dict(metadata or {})
+        self.dit_offload = dit_offload
 
     @property
     def is_group_main(self) -> bool:
@@ -305,7 +306,8 @@ def load_pipeline(device_map, resolution: int = 512, cache_dir="./weights/", dit
                   text_encoder_path=None, tokenizer_path=None, vae_path=None, scheduler_path=None, conf_path=None, *,
                   dit_params: dict = None, dtype: torch.dtype = None, download: bool = True,
                   noise_dtype: torch.dtype = torch.bfloat16, compile: bool = False, text_encoder_offload: str = "none",
-                  quantize: str = "none", fp8_skip=(), role: Optional[Role] = None) -> Kandinsky4T2VPipeline:
+                  quantize: str = "none", fp8_skip=(), dit_offload: str = "none",
+                  role: Optional[Role] = None) -> Kandinsky4T2VPipeline:
     """Resolve the weights, load T5, DiT and VAE as `role` says (default: all of them, here), return the pipeline.
 
     The arguments are the model card's `get_T2V_pipeline` (k4flash/__init__.py), which calls this
@@ -333,6 +335,7 @@ def load_pipeline(device_map, resolution: int = 512, cache_dir="./weights/", dit
     dit_params = dict(dit_params or PUBLISHED_DIT_PARAMS)
     fp8_skip = tuple(fp8_skip)
     validate_quantize(quantize, fp8_skip, dit_params["num_blocks"])
+    validate_dit_offload(dit_offload)
     paths = role.fetch_weights(functools.partial(resolve_weight_paths, cache_dir, dit_path, text_encoder_path,
                                                  tokenizer_path, vae_path, scheduler_path), download)
     dtype = resolve_dtype(dtype, device_map["dit"])
@@ -360,4 +363,4 @@ def load_pipeline(device_map, resolution: int = 512, cache_dir="./weights/", dit
         vae = load_vae(paths.vae, device=device_map["vae"], dtype=dtype)
     return Kandinsky4T2VPipeline(device_map, dit, text_encoder, vae, schedule, resolution=resolution, dtype=dtype,
                                  noise_dtype=noise_dtype, text_dim=dit_params["in_text_dim"], text_tokens=max_length,
-                                 role=role, metadata=quantized)
+                                 role=role, metadata=quantized, dit_offload=dit_offload)

@@ -12,7 +12,7 @@ from .planning import choose, request_plan
 log = logging.getLogger("k4flash")
 
 
-def build_pipeline(cfg, runtime, dtype, weights_dir, offload="none"):
+def build_pipeline(cfg, runtime, dtype, weights_dir, offload="none", dit_offload="none"):
     """This process's pipeline: the library's own in one process, a rank's (parallel/) under a launcher."""
     # Heavy imports (diffusers, transformers) only past validation.
     from k4flash.pipeline import load_pipeline
@@ -20,7 +20,7 @@ def build_pipeline(cfg, runtime, dtype, weights_dir, offload="none"):
 
     kwargs = dict(cache_dir=weights_dir, dtype=dtype, download=cfg.download, dit_params=dit_params(cfg),
                   compile=cfg.compile, text_encoder_offload=offload, quantize=cfg.dit.quantize,
-                  fp8_skip=tuple(cfg.dit.fp8_skip))
+                  fp8_skip=tuple(cfg.dit.fp8_skip), dit_offload=dit_offload)
     if runtime.distributed:
         return load_rank_pipeline(runtime.device, runtime=runtime, vae_parallel=cfg.vae.parallel, **kwargs)
     return load_pipeline(runtime.device, **kwargs)
@@ -37,7 +37,7 @@ def generate_from_config(cfg) -> int:
 
     device = resolve_device(cfg.device, env_world()[2])
     dtype = resolve_dtype(cfg.dtype, device)
-    plan, offload = choose(cfg, request, jobs[0], device)
+    plan, offload, dit_offload = choose(cfg, request, jobs[0], device)
     batch = bool(cfg.prompts_file)
     todo = [job for job in jobs if cfg.overwrite or not batch or not job.is_complete()]
     if len(todo) < len(jobs):
@@ -48,7 +48,7 @@ def generate_from_config(cfg) -> int:
 
     # 2. Join the plan's mesh, with heartbeats so that a failure names the rank at fault.
     def body(runtime, health):
-        failed = _generate(cfg, runtime, dtype, weights_dir, todo, health, offload)
+        failed = _generate(cfg, runtime, dtype, weights_dir, todo, health, offload, dit_offload)
         if batch and runtime.is_main:
             done, wall_s = len(todo) - failed, time.perf_counter() - started
             log.info("batch finished in %.1f s: %d written, %d skipped (already done), %d failed; %.0f videos/hour",
@@ -70,11 +70,11 @@ def _written_log(runtime) -> logging.Logger:
     return written
 
 
-def _generate(cfg, runtime, dtype, weights_dir, todo, health, offload="none") -> int:
+def _generate(cfg, runtime, dtype, weights_dir, todo, health, offload="none", dit_offload="none") -> int:
     # 3. Load T5, DiT, VAE once (the checkpoint is checked before it materialises); with
     # text_encoder.offload=after_encode the DiT waits until T5 has encoded and is gone.
     clock = time.perf_counter()
-    pipe = build_pipeline(cfg, runtime, dtype, weights_dir, offload)
+    pipe = build_pipeline(cfg, runtime, dtype, weights_dir, offload, dit_offload)
     load_s = time.perf_counter() - clock
     log.info("loaded %s on %s (%s, %d rank(s): dp %d x ulysses %d x tp %d%s) in %.1f s", cfg.model.name,
              runtime.device, str(dtype).replace("torch.", ""), runtime.world_size, runtime.dp_size,

@@ -61,15 +61,17 @@ def request_plan(cfg) -> PlanRequest:
 
 
 def choose(cfg, request: PlanRequest, geometry, device) -> tuple:
-    """(the run's Plan, its text-encoder offload) for videos of `geometry` (time_length, width, height).
+    """(the run's Plan, its text-encoder offload, its dit.offload) for videos of `geometry` (time_length, width,
+    height). dit.offload=auto is none off CUDA.
 
     parallel.plan=auto: the fastest plan the cost model predicts that fits the GPUs' memory, among those the
     request allows; logged with its prediction (rank 0). text_encoder.offload=auto: the first of none,
     after_encode, cpu with which that plan fits (none on CPU).
     """
     offload = cfg.text_encoder.offload
+    dit_offload = "none" if cfg.dit.offload == "auto" else cfg.dit.offload
     if not request.auto and (offload != "auto" or device.type != "cuda"):
-        return request.plan, "none" if offload == "auto" else offload
+        return request.plan, "none" if offload == "auto" else offload, dit_offload
     from k4flash.geometry import latent_shape
     from parallel.planner import OFFLOADS, choose_plan
 
@@ -89,11 +91,11 @@ def choose(cfg, request: PlanRequest, geometry, device) -> tuple:
             raise UsageError(str(err)) from None
         log.warning("text_encoder.offload=auto: the memory model fits no setting with this plan (%s); using cpu, "
                     "the smallest", err)
-        return request.plan, "cpu"
+        return request.plan, "cpu", dit_offload
     row = next(r for r in rows if r["plan_object"] == plan and r["offload"] == offload)
     if env_world()[0] == 0:
         log.info("%s on %d GPU(s), %s: %s, text_encoder.offload=%s (predicted %.2f s per video on H100s, %.1f GB "
                  "per GPU; %d choices considered)", "parallel.plan=auto" if request.auto else
                  "text_encoder.offload=auto", world, "no memory limit" if memory_gb == float("inf") else
                  f"{memory_gb:g} GB each", plan, offload, row["end_to_end_s"], row["gpu_memory_gb"], len(rows))
-    return plan, offload
+    return plan, offload, dit_offload

@@ -232,7 +232,7 @@ def serve_from_config(cfg) -> int:
     device = resolve_device(cfg.device, env_world()[2])
     dtype = resolve_dtype(cfg.dtype, device)
     typical = SimpleNamespace(time_length=cfg.time_length, width=cfg.width, height=cfg.height)
-    plan, offload = choose(cfg, request, typical, device)
+    plan, offload, dit_offload = choose(cfg, request, typical, device)
     if cfg.text_encoder.offload == "auto":  # a server encodes all day: T5 stays, on the CPU where memory is short
         offload = "none" if offload == "none" else "cpu"
     weights_dir = check_weights(cfg)
@@ -242,7 +242,7 @@ def serve_from_config(cfg) -> int:
 
         from .generate import build_pipeline
 
-        pipe = build_pipeline(cfg, runtime, dtype, weights_dir, offload)
+        pipe = build_pipeline(cfg, runtime, dtype, weights_dir, offload, dit_offload)
         channel = Channel(RunStore.launcher("serve") if runtime.distributed else RunStore.local("serve"))
         serve(cfg, runtime, pipe, health, channel, model_info(cfg, runtime, dtype))
         return 0
