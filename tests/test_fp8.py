@@ -257,3 +257,41 @@ def test_the_readme_fp8_run_and_its_plans_under_torchrun_sh(tmp_path, tiny_cache
         error = _relative(latents(f"plan{i}"), one_rank)
         print(f"{plan}: FP8 latents {error:.3g} from one rank's")
         assert error < CLI_PLAN_RELATIVE_ERROR[plan], (plan, error)
+
+
+def test_compiled_fp8_blocks_match_eager(one_torch_thread):
+    """compile=true's path (inductor) with FP8 blocks: the quantization fuses into other kernels, so a few values
+    round to the neighbouring e4m3 level (measured 7e-4 of the output); _scaled_mm still runs once per layer."""
+    model, x = _model(quantize=True), _inputs()
+    with torch.no_grad():
+        eager = model(*x)
+        model.compile_blocks()
+        compiled = model(*x)
+        with CountOps() as ops:
+            model(*x)
+    assert _relative(compiled, eager) < 5e-3
+    assert ops.counts.get("_scaled_mm") == 2 * TINY_DIT_PARAMS["num_blocks"] * len(fp8.QUANTIZED_LAYERS)
+
+
+@pytest.mark.slow
+def test_the_server_serves_fp8_videos_equal_to_the_clis(tmp_path, tiny_cache):
+    import json
+
+    from safetensors.torch import load_file
+
+    from bench.server import ENTRY, Server, server_env
+
+    image = ["model=tiny", "prompt=a red square", "seed=3", "time_length=0", "width=512", "height=512",
+             "progress=false", "save_latents=true", "dit.quantize=fp8"]
+    result = subprocess.run([sys.executable, str(ENTRY), *image, f"save_path={tmp_path / 'cli.png'}"], cwd=tmp_path,
+                            env=server_env(tiny_cache), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    server = Server(tmp_path, tiny_cache, 1, "dit.quantize=fp8")
+    try:
+        body = dict(prompt="a red square", seconds="0", size="512x512", seed=3)
+        video = json.loads(server.request("POST", "/v1/videos", body, key=None)[1])
+        assert server.wait(video["id"])["status"] == "completed"
+        served = load_file(str(server.output_dir / f"{video['id']}.latents.safetensors"))["latents"]
+    finally:
+        assert server.stop() == 0, server.output()
+    assert torch.equal(served, load_file(str(tmp_path / "cli.latents.safetensors"))["latents"])
