@@ -29,7 +29,9 @@ LINEAR_RELATIVE_ERROR = 0.06
 # A plan's FP8 forward against one rank's FP8 forward, relative to the output's norm. Ulysses and sequence-parallel
 # TP quantize each token's whole row as one rank does; plain TP's row-parallel ranks quantize their own slice of
 # it (their own per-token scales), measured 6.8e-3 of the output against FP8's own 1.1e-2 from float32.
-PLAN_RELATIVE_ERROR = {"tp2": 1e-2, "tp2_sp": 1e-2, "ulysses2": 1e-5}
+PLAN_RELATIVE_ERROR = {"tp2": 1e-2, "tp2_sp": 1e-2, "ulysses2": 1e-5, "ulysses2_tp2": 1e-2}
+PLANS = {"tp2": (2, dict(tp=2)), "tp2_sp": (2, dict(tp=2, sequence_parallel=True)),
+         "ulysses2": (2, dict(tp=1, ulysses=2)), "ulysses2_tp2": (4, dict(tp=2, ulysses=2))}
 
 
 class CountOps(TorchDispatchMode):
@@ -180,14 +182,25 @@ def test_convert_refuses_bad_options_before_writing(checkpoint, argv, message):
     assert not out.exists()
 
 
-def _plan_case(runtime, checkpoint, expected_state):
-    """This rank's FP8 shard loaded from the converted file: (does it hold exactly its rows of the one-rank model's
-    weights and scales, its forward)."""
+def _plan_case(runtime, checkpoint, expected_state, bf16_checkpoint):
+    """This rank's FP8 shard loaded from the converted file: (the parameters whose bits are not its rows of the
+    one-rank model's weights and scales, (bytes read from the file, bytes kept), its forward)."""
+    from unittest import mock
+
+    import safetensors
+
     from parallel.load import load_dit_sharded
     from parallel.tp import dit_mesh_coords, sharded_parameters, take_shard
     from k4flash.weights import slice_reader
-    model = load_dit_sharded(TINY_DIT_PARAMS, checkpoint, runtime.dit_mesh, quantize="fp8",
-                             sequence_parallel=runtime.sequence_parallel)
+    from test_tp import _CountingSafetensors
+    read_bytes = [0]
+    with mock.patch.object(safetensors, "safe_open", _CountingSafetensors(safetensors.safe_open, read_bytes)):
+        model = load_dit_sharded(TINY_DIT_PARAMS, checkpoint, runtime.dit_mesh, quantize="fp8",
+                                 sequence_parallel=runtime.sequence_parallel)
+    kept = sum(p.numel() * p.element_size() for p in model.parameters())
+    # The bf16 file quantized while loading, each rank its rows (whole rows read for the scales): the same bits.
+    online = load_dit_sharded(TINY_DIT_PARAMS, bf16_checkpoint, runtime.dit_mesh, quantize="fp8",
+                              sequence_parallel=runtime.sequence_parallel).state_dict()
     sharded, ((_, rank, world), _) = sharded_parameters(model), dit_mesh_coords(runtime.dit_mesh)
     mismatched = []
     for name, param in model.state_dict().items():
@@ -196,10 +209,11 @@ def _plan_case(runtime, checkpoint, expected_state):
         full = expected_state[name]
         want = full if name not in sharded else take_shard(slice_reader(full), sharded[name][0],
                                                            name.rsplit(".", 1)[1], full.shape, rank, world)
-        if param.dtype != want.dtype or not torch.equal(param.view(torch.uint8), want.view(torch.uint8)):
-            mismatched.append(name)
+        for got in (param, online[name]):
+            if got.dtype != want.dtype or not torch.equal(got.view(torch.uint8), want.view(torch.uint8)):
+                mismatched.append(name)
     with torch.no_grad():
-        return mismatched, model(*_inputs())
+        return mismatched, (read_bytes[0], kept), model(*_inputs())
 
 
 @pytest.mark.parametrize("plan", sorted(PLAN_RELATIVE_ERROR))
@@ -209,10 +223,17 @@ def test_every_plan_shards_the_fp8_rows_and_scales_and_matches_one_rank(plan, ch
     expected_state = {k: v for k, v in one_rank.state_dict().items() if not k.startswith("rope_embeddings")}
     with torch.no_grad():
         want = one_rank(*_inputs())
-    degrees = {"tp2": dict(tp=2), "tp2_sp": dict(tp=2, sequence_parallel=True), "ulysses2": dict(tp=1, ulysses=2)}
-    results = run_ranks(2, _plan_case, written, expected_state, **degrees[plan])
-    for rank, (mismatched, out) in enumerate(results):
+    world, degrees = PLANS[plan]
+    bf16_only = checkpoint.parent / "bf16" / "dit.safetensors"
+    if not bf16_only.exists():
+        bf16_only.parent.mkdir()
+        convert(checkpoint, bf16_only)
+    results = run_ranks(world, _plan_case, written, expected_state, bf16_only, **degrees)
+    file_bytes = written.stat().st_size
+    for rank, (mismatched, (read, kept), out) in enumerate(results):
         assert not mismatched, f"rank {rank} holds other bits than its shard of the one-rank FP8 model: {mismatched}"
+        assert read == kept, f"rank {rank} read {read} bytes of the FP8 file to keep {kept}"
+        assert kept < (0.6 if degrees["tp"] > 1 else 1.0) * file_bytes
         assert _relative(out, want) < PLAN_RELATIVE_ERROR[plan], (rank, _relative(out, want))
     assert any(k.endswith("weight_scale") for k in expected_state)
 
