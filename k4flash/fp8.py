@@ -30,14 +30,27 @@ SCALE_SUFFIX = "_scale"  # `<layer>.weight` → `<layer>.weight_scale`
 _TINY = 1e-12  # an all-zero row or token gets this scale instead of 0 (its values quantize to 0 either way)
 
 
+QUANTIZE_CHUNK_ELEMENTS = 1 << 24  # rows quantized at a time: a 64 MB float32 working copy at most
+
+
 def quantize_rows(matrix: torch.Tensor):
     """(q, scale): matrix (rows, cols) → e4m3 q and float32 scale (rows,), q[r] · scale[r] ≈ matrix[r].
 
-    Each row's max |value| maps to 448, e4m3's largest; computed in float32 whatever the input dtype.
+    Each row's max |value| maps to 448, e4m3's largest; the division is in float32 whatever the input dtype.
+    A block of rows at a time, in place: the transient beyond q is one float32 block of at most
+    QUANTIZE_CHUNK_ELEMENTS, not three full-size float32 copies (an eager MLP output layer's input at the
+    published size is 1.2 GB in float32).
     """
-    wide = matrix.float()
-    scale = (wide.abs().amax(dim=-1) / FP8_MAX).clamp(min=_TINY)  # (rows,)
-    return (wide / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+    rows, cols = matrix.shape
+    # max |x| per row, reduced in float32 without an |x| copy (exact: no rounding in abs or max)
+    scale = torch.linalg.vector_norm(matrix, ord=float("inf"), dim=-1, dtype=torch.float32)
+    scale = scale.div_(FP8_MAX).clamp_(min=_TINY)  # (rows,)
+    q = torch.empty(rows, cols, dtype=FP8, device=matrix.device)
+    step = max(1, QUANTIZE_CHUNK_ELEMENTS // max(cols, 1))
+    for start in range(0, rows, step):
+        block = matrix[start:start + step].to(torch.float32, copy=True)  # copy: never divide the input in place
+        q[start:start + step] = block.div_(scale[start:start + step, None]).clamp_(-FP8_MAX, FP8_MAX)
+    return q, scale
 
 
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
@@ -54,9 +67,9 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     x_q, x_scale = quantize_rows(tokens)
     out = torch._scaled_mm(x_q, weight.t(), scale_a=x_scale[:, None], scale_b=weight_scale[None, :].float(),
                            out_dtype=torch.bfloat16)  # (M, out)
-    out = out.to(bias.dtype if bias is not None else x.dtype)
+    out = out.to(bias.dtype if bias is not None else x.dtype)  # a no-op in a bf16 run
     if bias is not None:
-        out = out + bias
+        out += bias  # in place: `out` is this call's own
     return out.unflatten(0, x.shape[:-1])
 
 
