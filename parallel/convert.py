@@ -1,7 +1,7 @@
 """Convert the published DiT .pt into safetensors next to it, once; with --quantize fp8, into its FP8 form.
 
     python -m parallel.convert weights/kandinsky4_distil_512.pt   # → weights/kandinsky4_distil_512.safetensors
-    python -m parallel.convert weights/kandinsky4_distil_512.pt --quantize fp8   # → ….fp8.safetensors (~5.6 GB)
+    python -m parallel.convert weights/kandinsky4_distil_512.pt --quantize fp8   # → ….fp8.safetensors (6.4 GB)
 
 Multi-rank runs then read each rank's slice of every tensor straight from the file. An FP8 file holds the
 quantized layers' e4m3 weights and float32 `.weight_scale` rows (k4flash/fp8.py); a `dit.quantize=fp8` run finds

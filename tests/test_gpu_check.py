@@ -9,6 +9,7 @@ parity on two gloo ranks, and the verdicts on failing figures. Without CUDA and 
 No timed assertions.
 """
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -24,6 +25,7 @@ import torch
 from torch.autograd import DeviceType
 
 from bench.gpu_check import checks, command, peaks, sampler, sections
+from bench.gpu_check import fp8 as fp8_section
 from bench.gpu_check import tp as tp_section
 from k4flash.dit_math import DEFAULT_SDPA_BACKENDS
 from k4flash.tiny import TINY_DIT_PARAMS
@@ -32,7 +34,7 @@ from parity import break_env
 from readme_commands import readme_command
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("1.", "2.", "2b.", "3.", "4.", "5.", "6.", "7.", "10.", "Checks")
+SECTIONS = ("1.", "2.", "2b.", "3.", "4.", "5.", "6.", "7.", "10.", "12.", "Checks")
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +86,9 @@ def test_smoke_figures_agree_with_each_other(smoke):
     # 3 latent frames of 8 x 12 → 4·(3-1)+1 frames of 64 x 96 in one chunk (2 per chunk; the odd one joins the first)
     assert (vae["frames"], vae["chunks"], vae["output_finite"]) == ("9x64x96", 1, True)
     memory = tables["5."]
-    # dit: build, eager, compiled; backends: build, forwards, kernels; sampler: build, run; vae; pipeline
-    assert len(memory) == 10 and all(r["peak_gib"] >= r["start_gib"] > 0 for r in memory)
+    # dit: build, eager, compiled; backends: build, forwards, kernels; sampler: build, run; vae; pipeline;
+    # fp8: build, eager, compiled, rebuild, quantize_dit, eager, compiled
+    assert len(memory) == 17 and all(r["peak_gib"] >= r["start_gib"] > 0 for r in memory)
     (sampler,) = tables["6."]
     assert sampler["steps"] == 4 and sampler["latents_finite"] and sampler["profiler"] == "CPU only"
     assert sampler["syncs_total"] == sampler["dtoh_copies"] == sampler["warned_in_loop"] == 0  # no CUDA on a CPU
@@ -122,6 +125,45 @@ def test_the_pipeline_runs_end_to_end_in_every_offload_mode_with_the_same_latent
                                                row["write_s"])
 
 
+def test_the_fp8_section_runs_every_quantized_matmul_in_fp8_within_its_bound(tmp_path):
+    """`--smoke --sections fp8`: the tiny DiT in fp32 and quantized in place, eager and compiled (aot_eager): each
+    quantized layer one aten._scaled_mm (none in the reference), an error that is there and small, fewer bytes."""
+    data = command.main(["--smoke", "--sections", "fp8", "--warmup", "1", "--repeats", "2", "--json",
+                         str(tmp_path / "c.json")])
+    tables = _tables(data)
+    assert set(tables) == {"5.", "12.", "Checks"}
+    rows = {row["variant"]: row for row in tables["12."]}
+    assert list(rows) == ["float32 eager", "float32 torch.compile (aot_eager)", "fp8 eager",
+                          "fp8 torch.compile (aot_eager)"]
+    ref, fp8 = rows["float32 eager"], rows["fp8 eager"]
+    layers = 4 * 2 * TINY_DIT_PARAMS["num_blocks"]  # 4 linears in each block but those fp8_skip names (none)
+    assert fp8["scaled_mm_calls"] == fp8["scaled_mm_expected"] == layers and ref["scaled_mm_calls"] == 0
+    assert fp8["fp8_skip"] == "[]" and fp8["fp8_skip_from"] == fp8_section.default_fp8_skip()[1]
+    assert 0.5 < fp8["fp8_flop_share"] < 1  # the blocks' big matmuls are most of the tiny DiT's FLOPs too
+    low, high = checks.FP8_REL_L2
+    for row in rows.values():
+        assert row["output_finite"] and row["median_s"] > 0 and row["peak_gib"] > 0
+        assert row["speedup"] == pytest.approx(rows[f"float32 {row['variant'].split(' ', 1)[1]}"]["median_s"] /
+                                               row["median_s"])
+        if row["dtype"] == "fp8 e4m3":
+            assert low < row["rel_l2_err"] < high and row["weights_ratio"] < checks.FP8_WEIGHT_RATIO
+            assert fp8["weights_gib"] == row["weights_gib"] < ref["weights_gib"]
+    assert rows["float32 torch.compile (aot_eager)"]["rel_l2_err"] < 1e-5  # aot_eager runs the same kernels
+    verdicts = [row for row in tables["Checks"] if "fp8" in row["check"]]
+    assert len(verdicts) == 8 and data["settings"]["checks_passed"] is True
+    assert [row["passed"] for row in verdicts] == [True] * 6 + [None] * 2  # peak memory and speed-up: GPU only
+
+
+def test_the_fp8_section_reads_fp8_skip_from_the_config_schema_or_says_why_not(monkeypatch):
+    """dit.fp8_skip's default is launch/config.py's, which needs hydra-core; without it: none, and the reason."""
+    if importlib.util.find_spec("hydra") is not None:
+        from launch.config import DiTConfig
+        assert fp8_section.default_fp8_skip() == (DiTConfig().fp8_skip, "launch.config DiTConfig")
+    monkeypatch.setitem(sys.modules, "launch.config", None)  # what `import launch.config` meets without hydra
+    skip, source = fp8_section.default_fp8_skip()
+    assert skip == [] and source.startswith("[] (launch.config not importable: ")
+
+
 def test_checks_pass_on_the_cpu_and_gpu_only_ones_are_not_applied(smoke):
     data, markdown = smoke
     checks = {row["check"].split(":")[0] if row["check"].startswith("sampler") else row["check"]: row
@@ -148,7 +190,14 @@ def test_a_failing_figure_fails_its_check():
                     plans=[dict(plan="ulysses=2", rel_l2_err=0.2), dict(plan="tp=2, sequence parallel", note="heads"),
                            dict(plan="VAE decode, rows split over 2", max_frame_diff=7)],
                     faults=[dict(fault="hang:1:2", exit_status=-9, capped=True, names_culprit=False,
-                                 fault_to_exit_s=None)])
+                                 fault_to_exit_s=None)],
+                    fp8=[dict(variant="bfloat16 eager", mode="eager", dtype="bfloat16", median_s=1.0, peak_gib=13.0,
+                              scaled_mm_calls=0, speedup=1.0, output_finite=True),
+                         # as quantize_dit not applied would look: no _scaled_mm, the reference's output and bytes
+                         dict(variant="fp8 eager", mode="eager", dtype="fp8 e4m3", median_s=1.1, rel_l2_err=0.0,
+                              weights_ratio=1.0, peak_gib=13.0, scaled_mm_calls=0, scaled_mm_expected=168,
+                              speedup=0.9, output_finite=True),
+                         dict(variant="torch.compile", mode="compiled", note="--no-compile")])
     verdicts = {row["check"]: row["passed"] for row in
                 checks.check_rows(torch.device("cuda"), "published", figures, 2, 60.0)}
     assert verdicts == {
@@ -172,6 +221,13 @@ def test_a_failing_figure_fails_its_check():
         "hang:1:2: non-zero exit within the cap": False,  # capped: it ran past the wall-clock cap
         "hang:1:2: one error line, naming rank 1": False,
         "hang:1:2: seconds from the fault to the exit": False,
+        "fp8: aten._scaled_mm calls in one forward (one per quantized layer)": False,
+        "fp8: aten._scaled_mm calls in the bfloat16 forward": True,
+        "fp8 eager vs bfloat16 eager: rel L2 err (FP8 changed the output)": False,
+        "fp8 eager vs bfloat16 eager: rel L2 err": True,
+        "fp8: weight bytes / bfloat16's": False,
+        "fp8: eager step peak memory / bfloat16's": False,
+        "fp8 speed-up over bfloat16, eager": False,
     }
 
 
@@ -266,7 +322,8 @@ def test_unknown_sections_are_refused_naming_the_allowed_ones():
     result = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--smoke", "--sections", "dit,vea"], cwd=ROOT,
                             env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stdout == ""
-    assert "'dit,vea': allowed sections are dit, backends, sampler, vae, pipeline, tp, plans, faults" in result.stderr
+    assert "'dit,vea': allowed sections are dit, backends, sampler, vae, pipeline, fp8, tp, plans, faults" in \
+        result.stderr
 
 
 @pytest.mark.parametrize("card, bf16", [

@@ -79,13 +79,16 @@ def test_the_install_and_test_commands_are_what_ci_runs():
 
 
 @pytest.mark.slow
-def test_the_convert_command(tmp_path, tiny_weights):
-    command = readme_command("python -m parallel.convert").text
+@pytest.mark.parametrize("start, written", [
+    ("python -m parallel.convert weights/", "kandinsky4_distil_512.safetensors"),
+    ("python -m parallel.convert --quantize fp8", "kandinsky4_distil_512.fp8.safetensors")])
+def test_the_convert_commands(tmp_path, tiny_weights, start, written):
+    command = readme_command(start).text
     (tmp_path / "weights").mkdir()
     shutil.copy(tiny_weights / "kandinsky4_distil_512.pt", tmp_path / "weights")
     result = subprocess.run(_argv(command), cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert (tmp_path / "weights" / "kandinsky4_distil_512.safetensors").stat().st_size > 0
+    assert sorted(p.name for p in (tmp_path / "weights").iterdir()) == sorted(["kandinsky4_distil_512.pt", written])
 
 
 @pytest.mark.slow

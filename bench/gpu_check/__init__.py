@@ -1,14 +1,15 @@
 """The GPU acceptance check: one command measures and checks, on the day a GPU is at hand, what the CPU suite cannot.
 
-    python -m bench.gpu_check [--out DIR] [--json F] [--md F]   # needs CUDA; sized for < 8 min on one H100
+    python -m bench.gpu_check [--out DIR] [--json F] [--md F]   # needs CUDA; ~14 min on one H100 (estimates)
     python -m bench.gpu_check --gpus 8 --out DIR                # + tensor parallel and NCCL faults on 8 GPUs
     python -m bench.gpu_check --smoke [--json F] [--md F]       # the same code paths on the CPU (tiny, fp32; CI)
     python -m bench.gpu_check --smoke --gpus 2 --fault-timeout-s 8   # + sections 8 and 9 on 2 gloo ranks (~1 min)
 
-Options: --sections dit,backends,sampler,vae,pipeline,tp,plans,faults (default all, in that order), --budget-s S (skip
-a section whose estimate no longer fits, stop one that overruns), --no-compile, --no-faults, --gpus 1 (skip 8 and
-9), --repeats / --warmup / --vae-repeats, --fault-timeout-s, --peak-tflops (else bench/gpu_check/peaks.py by card
-name), --compile-backend (default inductor; aot_eager with --smoke, where inductor's C++ compile costs 5-30 s).
+Options: --sections dit,backends,sampler,vae,pipeline,fp8,tp,plans,faults (default all, in that order), --budget-s S
+(skip a section whose estimate no longer fits, stop one that overruns), --no-compile (~9 min: the compiles leave
+the estimates too), --no-faults, --gpus 1 (skip 8 and 9), --repeats / --warmup / --vae-repeats, --fault-timeout-s,
+--peak-tflops (else bench/gpu_check/peaks.py by card name), --compile-backend (default inductor; aot_eager with
+--smoke, where inductor's C++ compile costs 5-30 s).
 
 Each section runs in a process of its own (child.py), and the report (--out DIR, default gpu_check_report/) is
 rewritten after each: a crash, a sticky CUDA error, an OOM kill or a timeout costs its own section only, and a run
@@ -38,6 +39,9 @@ On one GPU (cuda:0), with random weights (no checkpoint needed):
   10. (pipeline) one video end to end with random weights, per text_encoder.offload: T5 at the published T5-XXL
      shape, the DiT, the VAE, `generate` and the writers (PNG frames where no MP4 encoder is installed); stage
      times, peak memory, each mode's latents against offload=none's;
+  12. (fp8) the FP8 DiT (k4flash.fp8.quantize_dit, dit.fp8_skip's default) against bf16 on the same weights and
+     input: step latency eager and compiled, speed-up, output error, weight bytes, peak memory, MFU at the card's
+     fp8 and bf16 peaks, and the aten._scaled_mm calls of one forward (one per quantized layer: FP8 ran);
   7. an end-to-end estimate: T5-XXL from the cost model + 4 measured steps + the measured decode, against
      the seed's 11 s on one H100 (cost.SEED_CLAIM_S).
 On N GPUs (--gpus N, default: every visible GPU when there are several):
@@ -56,13 +60,14 @@ A last table checks the figures against bounds (finite outputs, kernel and bf16 
 the estimate under the seed's 11 s, offload modes equal, tp parity and speed-up, each fault named and bounded; a
 section that failed or whose process died fails its own check).
 Exit status: 0 when every check passes, 1 when one fails, 2 without CUDA and without --smoke.
-`--smoke` (= --device cpu) runs sections 1-7 and 10 with the tiny config (k4flash.tiny) at a tiny geometry in
+`--smoke` (= --device cpu) runs sections 1-7, 10 and 12 with the tiny config (k4flash.tiny) at a tiny geometry in
 fp32: no CUDA events, so the sync counts are 0 by construction and GPU-only checks read "-"; with
 `--gpus N` it also runs 8 and 9 on N gloo ranks.
 
 One module per measurement, each exposing the one function that computes its rows: model.py (1), backends.py
 (2), sdpa.py (2b), steps.py (3), vae.py (4), memory.py (5), sampler.py (6), end_to_end.py (7), tp.py (8),
-faults.py (9), pipeline.py (10), plans.py (11); sections.py groups them into the units that run each in its own process
-(child.py), checks.py gives the verdicts, tables.py lays out the report, peaks.py knows the cards, command.py is
-the command line, the budget and the report after each section (run.py: the configs and what a run measures on).
+faults.py (9), pipeline.py (10), plans.py (11), fp8.py (12); sections.py groups them into the units that run each
+in its own process (child.py), checks.py gives the verdicts, tables.py lays out the report, peaks.py knows the
+cards, command.py is the command line, the budget and the report after each section (run.py: the configs and what a
+run measures on).
 """

@@ -21,7 +21,7 @@ from pathlib import Path
 from bench import gpu_check
 from bench.gpu_check.checks import check_rows
 from bench.gpu_check.end_to_end import end_to_end_rows
-from bench.gpu_check.run import CONFIGS, STARTED_ENV, log, resolve_run
+from bench.gpu_check.run import CONFIGS, DEADLINE_ENV, STARTED_ENV, log, resolve_run
 from bench.gpu_check.sections import BY_NAME, Figures, missing_modules
 from bench.gpu_check.tables import add_tables, section_tables
 from bench.report import Report, add_output_args, table_lines
@@ -127,7 +127,8 @@ def run_isolated(section, argv, timeout_s) -> dict:
     with tempfile.TemporaryDirectory(prefix="gpu_check_section_") as tmp:
         result_path = Path(tmp) / "result.json"
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-                   K4FLASH_GPU_CHECK_PID=str(os.getpid()))  # child.PARENT_ENV
+                   K4FLASH_GPU_CHECK_PID=str(os.getpid()),  # child.PARENT_ENV
+                   **{DEADLINE_ENV: repr(time.time() + timeout_s)})
         child = subprocess.Popen([sys.executable, "-m", "bench.gpu_check.child", section.name, str(result_path),
                                   *argv], env=env, stdout=2, stderr=subprocess.PIPE, text=True,
                                  start_new_session=True)
@@ -187,7 +188,7 @@ def main(argv=None) -> dict:
     started = time.monotonic()
     for section in [BY_NAME[name] for name in args.sections]:
         left = None if args.budget_s is None else args.budget_s - (time.monotonic() - started)
-        estimate = section.estimate_s[run.device.type]
+        estimate = section.estimate(run.device.type, compiled=not args.no_compile)
         skipped = skip_reason(section, run, estimate, left)
         if skipped:
             progress.notes.append(f"section {section.numbers} ({section.name}) skipped: {skipped}")

@@ -20,6 +20,8 @@ CONFIGS = {
 }
 # The command's start (set by the command, inherited by its section processes): one clock for every progress line.
 STARTED_ENV = "K4FLASH_GPU_CHECK_T0"
+# When a section's process is stopped (time.time(); set by the command for each section: --budget-s, --section-cap-s).
+DEADLINE_ENV = "K4FLASH_GPU_CHECK_DEADLINE"
 IMPORTED = time.time()
 
 
@@ -28,6 +30,13 @@ def log(message):
     elapsed = time.time() - float(os.environ.get(STARTED_ENV, IMPORTED))
     sys.stderr.write(f"[gpu_check {elapsed:6.1f} s] {message}\n")
     sys.stderr.flush()
+
+
+def seconds_left():
+    """Seconds until this section's process is stopped (None outside a section run by the command), so a section
+    can leave out an optional part that would not fit rather than lose every figure it has."""
+    deadline = os.environ.get(DEADLINE_ENV)
+    return None if deadline is None else float(deadline) - time.time()
 
 
 @dataclass

@@ -125,6 +125,12 @@ def run_pipeline(run, args, memory, figures):
         figures.guard("pipeline", "10", pipeline_rows, run)
 
 
+def run_fp8(run, args, memory, figures):
+    """12: the FP8 DiT against the reference one on the same weights, eager and (unless --no-compile) compiled."""
+    from bench.gpu_check.fp8 import fp8_rows
+    figures.guard("fp8", "12", fp8_rows, run, args, memory, BY_NAME["fp8"].compile_s.get(run.device.type, 0))
+
+
 @dataclass(frozen=True)
 class Section:
     name: str  # as --sections names it
@@ -134,19 +140,29 @@ class Section:
     estimate_s: dict  # device type → seconds, its process's start included
     run: callable
     ranks: bool = False  # runs on run.world ranks (skipped with one)
+    compile_s: dict = None  # device type → the seconds of estimate_s that --no-compile saves
+
+    def estimate(self, device_type: str, compiled: bool = True) -> float:
+        return self.estimate_s[device_type] - (0 if compiled else (self.compile_s or {}).get(device_type, 0))
 
 
 # Estimates for the published DiT on one H100/H200 (bf16) and for --smoke (tiny, fp32) on a 2-core CPU. The GPU
 # ones are reasoned, not yet measured: CUDA context and imports ~15 s, a random 5.5 B DiT ~15 s, inductor's
 # compile of the blocks ~90 s, the 12 s VAE decode ~10 s a run, random T5-XXL ~10 s; the pipeline section builds
-# its three models once per text-encoder offload mode; the fault runs each start a 2-rank job (~30 s).
+# its three models once per text-encoder offload mode; the fault runs each start a 2-rank job (~30 s). fp8: start
+# 15 s, build 15 s, quantize ~5 s, 2 x 8 eager forwards of ~1 s (575 TFLOP a step), the counting forward ~2 s:
+# ~55 s eager, 70 with slack; compiled adds a rebuild (15 s), two inductor compiles (2 x 90 s) and 2 x 8 compiled
+# forwards (~15 s): 210 s.
 SECTIONS = (
-    Section("dit", "1, 3", "the DiT built, one step eager and compiled", (), dict(cuda=150, cpu=40), run_dit),
+    Section("dit", "1, 3", "the DiT built, one step eager and compiled", (), dict(cuda=150, cpu=40), run_dit,
+            compile_s=dict(cuda=90, cpu=10)),
     Section("backends", "2", "SDPA backends and bf16 against fp32 math", (), dict(cuda=60, cpu=15), run_backends),
     Section("sampler", "6", "host syncs of the sampler", ("diffusers",), dict(cuda=60, cpu=20), run_sampler),
     Section("vae", "4", "the VAE decode of the run's video", ("diffusers",), dict(cuda=60, cpu=20), run_vae),
     Section("pipeline", "10", "one video end to end per text_encoder.offload (T5, DiT, VAE, writers)", ("diffusers",),
             dict(cuda=240, cpu=45), run_pipeline),
+    Section("fp8", "12", "the FP8 DiT against bf16 on the same weights: step, error, memory, _scaled_mm", (),
+            dict(cuda=280, cpu=20), run_fp8, compile_s=dict(cuda=210, cpu=5)),
     Section("tp", "8", "tensor parallel parity and speed-up", (), dict(cuda=90, cpu=40), run_tp, ranks=True),
     Section("plans", "11", "sequence-parallel TP, Ulysses and the row-split VAE against one rank", ("diffusers",),
             dict(cuda=150, cpu=60), run_plans, ranks=True),

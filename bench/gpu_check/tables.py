@@ -53,6 +53,15 @@ def section_tables(run, args) -> list:
             ("write_s", "write s", ".3f"), ("total_s", "total s", ".3f"), ("vs_seed", "seed / total", ".2f"),
             ("peak_gib", "peak GiB", ".1f"), ("written", "written", None),
             ("latents_equal_none", "latents = none's", None), ("latents_finite", "finite", None)]),
+        ("fp8", f"12. FP8 DiT (k4flash/fp8.py) against {str(run.dtype).replace('torch.', '')} on the same weights and "
+                f"input, one step on {run.card}", [
+            ("variant", "variant", None), ("median_s", "step median s", ".4f"), ("min_s", "min s", ".4f"),
+            ("first_call_s", "first call s", ".2f"), ("speedup", "speed-up", ".2f"), ("mfu", "MFU", ".1%"),
+            ("rel_l2_err", "rel L2 err vs eager ref", ".3g"), ("max_rel_err", "max abs err / max |ref|", ".3g"),
+            ("weights_gib", "weights GiB", ".3g"), ("weights_ratio", "weights / ref's", ".3f"),
+            ("peak_gib", "peak GiB", ".2f"), ("scaled_mm_calls", "_scaled_mm calls", None),
+            ("scaled_mm_expected", "expected", None), ("fp8_flop_share", "FLOPs in FP8", ".1%"),
+            ("fp8_skip", "fp8_skip", None), ("output_finite", "finite", None), ("note", "not run because", None)]),
         ("tp", f"8. Tensor parallel ({'NCCL' if run.device.type == 'cuda' else 'gloo'}, {run.config_name} DiT)", [
             ("tp", "tp", None), ("median_s", "step median s", ".4f"), ("min_s", "min s", ".4f"),
             ("speedup", "speed-up", ".2f"), ("max_rel_err", "max rel err vs tp=1", ".3g"),
