@@ -8,6 +8,7 @@ parallel/rank_pipeline.py supplies the role of one rank of a multi-rank run.
 """
 import contextlib
 import functools
+import gc
 import logging
 import time
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from tqdm.auto import tqdm
 from .devices import normalize_device_map, resolve_dtype, synchronize
 from .geometry import (FPS, latent_shape, num_latent_frames, validate_dit_offload, validate_offload, validate_quantize,
                        validate_request, validate_resolution)
+from .host_memory import HostParking
 from .output_paths import derived_path, media_path, output_files
 from .outputs import frames_to_pil, write_json_atomic, write_mp4, write_png, write_safetensors_atomic
 from .published import PUBLISHED_DIT_PARAMS, TEXT_TOKENS
@@ -82,9 +84,11 @@ class Kandinsky4T2VPipeline:
     def __init__(self, device_map, dit, text_encoder, vae, schedule: Schedule, resolution=512, dtype=None,
                  noise_dtype=torch.bfloat16, *, text_dim=None, text_tokens=None, metadata=None,
                  role: Optional[Role] = None, dit_offload: str = "none"):
-        """dit_offload: where the DiT is during the decode (none, during_decode). text_tokens: the text embedding's length, the encoder's max_length (default: the encoder's, else
+        """text_tokens: the text embedding's length, the encoder's max_length (default: the encoder's, else
         224). Every process of a group must be given the same one: off the group main it sizes the buffer
-        the embedding is received into, and a broadcast does not check sizes."""
+        the embedding is received into, and a broadcast does not check sizes. dit_offload: where the DiT (or
+        this rank's shard) is while the VAE decodes: none = on its device; during_decode = freed when generate's
+        `last`, else parked in pinned host memory until the next denoise (k4flash/host_memory.py)."""
         validate_resolution(resolution)
         self.role = role or Role()
         self.device_map = normalize_device_map(device_map)
@@ -103,7 +107,8 @@ class Kandinsky4T2VPipeline:
         if encoder_tokens is not None and encoder_tokens != self.text_tokens:
             raise ValueError(f"text_tokens={self.text_tokens} but the text encoder pads to {encoder_tokens}")
         self.metadata = dict(metadata or {})
-        self.dit_offload = dit_offload
+        self.dit_offload = validate_dit_offload(dit_offload)
+        self.dit_parking = None  # HostParking of the DiT, from its first park (dit_offload=during_decode)
 
     @property
     def is_group_main(self) -> bool:
@@ -112,6 +117,12 @@ class Kandinsky4T2VPipeline:
 
     @property
     def dit(self) -> torch.nn.Module:
+        """The DiT on its device: loaded now if it waited for T5 to go, back from host memory if parked."""
+        if self._dit is None:
+            raise RuntimeError("the DiT was freed for the decode of the last generation (generate(last=True) with "
+                               "dit_offload=during_decode); load the pipeline again to generate more")
+        if self.dit_parking is not None and self.dit_parking.parked:
+            self.dit_parking.unpark()
         if not isinstance(self._dit, torch.nn.Module):
             if self.text_encoder is not None and not self.text_encoder.released:
                 self.text_encoder.release()  # after_encode: the DiT is the next thing to need the memory
@@ -182,11 +193,13 @@ class Kandinsky4T2VPipeline:
 
     @torch.no_grad()
     def generate(self, text: str, time_length: int = 12, width: int = 512, height: int = 512, seed: int = None,
-                 progress: bool = True, text_embed: torch.Tensor = None, on_step=None) -> Generation:
+                 progress: bool = True, text_embed: torch.Tensor = None, on_step=None,
+                 last: bool = False) -> Generation:
         """Stages 1-5: validate, encode, prepare latents, denoise, decode. Frames only on the group main.
 
         text_embed: the prompt's embedding from encode_prompts (on the process that encodes), which skips
-        the encoder. on_step(done, total): after each denoising step (a server's progress)."""
+        the encoder. on_step(done, total): after each denoising step (a server's progress). last=True: none
+        follows, so dit_offload=during_decode frees the DiT rather than parking it (the same on every rank)."""
         # 1. Validate the request before any work.
         validate_request(text, time_length, height, width, self.resolution)
         if seed is None:
@@ -202,11 +215,19 @@ class Kandinsky4T2VPipeline:
         # 3. Prepare the latent geometry: (F, H/8, W/8, 16).
         shape = latent_shape(time_length, height, width)
 
-        # 4. Denoise: 4 renoise steps of the DiT.
+        # 4. Denoise: 4 renoise steps of the DiT (first back from host memory if it was parked for a decode).
+        if self.dit_parking is not None and self.dit_parking.parked:
+            clock = time.perf_counter()
+            self.dit_parking.unpark()
+            timings["dit_restore_s"] = time.perf_counter() - clock
         clock = time.perf_counter()
         latents = self.denoise(text_embed, shape, seed, progress=progress, on_step=on_step)
         synchronize(self.device_map["dit"])
         timings["denoise_s"] = time.perf_counter() - clock
+        if self.dit_offload == "during_decode":  # the decode gets the DiT's memory; on every rank with a shard
+            clock = time.perf_counter()
+            self._offload_dit(free=last)
+            timings["dit_free_s" if last else "dit_offload_s"] = time.perf_counter() - clock
         frames = None
         if self.decode is not None:
             # 5. Decode with the VAE (2 latent frames per batch, 1 for images).
@@ -217,6 +238,17 @@ class Kandinsky4T2VPipeline:
             timings["decode_s"] = time.perf_counter() - clock
         request = {"prompt": text, "seed": seed, "time_length": time_length, "width": width, "height": height}
         return Generation(request, latents, frames, timings)
+
+    def _offload_dit(self, free: bool) -> None:
+        """The DiT off its device: freed (nothing keeps it; the cached device memory goes back), or parked."""
+        if free:
+            self._dit = self.dit_parking = None
+            gc.collect()  # a TP plan's hooks make reference cycles
+            torch.cuda.empty_cache()  # a no-op where CUDA was never initialised
+            return
+        if self.dit_parking is None:
+            self.dit_parking = HostParking(self.dit)
+        self.dit_parking.park()
 
     def close(self) -> None:
         """End what the loader set up for this pipeline and nothing else: under a launcher, the process group
@@ -317,6 +349,7 @@ def load_pipeline(device_map, resolution: int = 512, cache_dir="./weights/", dit
     `text_encoder_offload` (T5TextEncoder): none, cpu, or after_encode, which loads T5 before the DiT and
     the DiT only once T5 is freed (at the first denoise). `quantize="fp8"` runs the DiT's block matmuls in float8
     except for the `fp8_skip` blocks (k4flash/fp8.py); the weights may be the bf16 checkpoint or its FP8 conversion.
+    `dit_offload`: none or during_decode, where the DiT is while the VAE decodes (Kandinsky4T2VPipeline).
     """
     from .text_encoder import T5TextEncoder
     from .vae import load_vae

@@ -10,66 +10,16 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
-import weakref
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, T5EncoderModel
 
 from .geometry import validate_offload
+from .host_memory import PACK_ALIGN as _PACK_ALIGN, pack_parameters, pinned_host_bytes
 from .published import TEXT_TOKENS
 
-
-# Each parameter's bytes start at a multiple of this in the packed host buffer: any dtype's alignment, and whole
-# cache lines for the copy engines.
-PACK_ALIGN = 64
-
-
-def pack_parameters(params, allocate) -> torch.Tensor:
-    """Move the data of `params` into one flat byte buffer from `allocate(nbytes)`; each parameter becomes a view.
-
-    allocate(nbytes) → a (nbytes,) uint8 tensor. Values, shapes and dtypes are unchanged; a parameter listed
-    twice (tied weights) is packed once. Each parameter's old storage is freed as soon as it is copied, so
-    the host holds the buffer plus what is not yet packed. Returns the buffer.
-    """
-    unique = list({id(p): p for p in params}.values())
-    spans, total = [], 0
-    for p in unique:
-        nbytes = p.numel() * p.element_size()
-        spans.append((total, nbytes))
-        total += -(-nbytes // PACK_ALIGN) * PACK_ALIGN
-    flat = allocate(total)
-    if flat.dtype != torch.uint8 or flat.shape != (total,):
-        raise ValueError(f"allocate({total}) must return a ({total},) uint8 tensor, got {flat.dtype} {tuple(flat.shape)}")
-    for p, (start, nbytes) in zip(unique, spans):
-        view = flat[start:start + nbytes].view(p.dtype).view(p.shape)  # bytes → p's dtype and shape
-        view.copy_(p.data)
-        p.data = view
-    return flat
-
-
-def _unregister_host_memory(flat):
-    torch.cuda.cudart().cudaHostUnregister(flat.data_ptr())
-
-
-def pinned_host_bytes(nbytes: int, owner) -> torch.Tensor:
-    """(nbytes,) uint8 of page-locked host memory, exactly nbytes of it, pinned for as long as `owner` lives.
-
-    Not `pin_memory()` nor `torch.empty(pin_memory=True)`: both go through torch's caching host
-    allocator, which rounds every block up to a power of two (T5-XXL's 8.9 GiB pinned tensor by
-    tensor takes ~12.5 GiB; as one block it would take 16 GiB). A plain allocation registered with
-    CUDA is pinned at its own size. When `owner` dies the memory is unregistered; the finalizer holds
-    the buffer until then, so the registration always ends before the memory can be freed (views that
-    outlive it see plain pageable memory).
-    """
-    flat = torch.empty(nbytes, dtype=torch.uint8)
-    if nbytes:
-        cudart = torch.cuda.cudart()
-        error = cudart.cudaHostRegister(flat.data_ptr(), nbytes, 0)  # flags 0: cudaHostRegisterDefault
-        if int(error) != 0:
-            raise RuntimeError(f"cudaHostRegister of {nbytes} bytes failed: {cudart.cudaGetErrorString(error)}")
-        weakref.finalize(owner, _unregister_host_memory, flat)
-    return flat
+PACK_ALIGN = _PACK_ALIGN  # its home is k4flash/host_memory.py; tests/test_text_encoder.py reads it here
 
 
 class BlockStreamer:

@@ -85,16 +85,17 @@ def _generate(cfg, runtime, dtype, weights_dir, todo, health, offload="none", di
     written_log = _written_log(runtime)
 
     # 4. Each model group takes every dp_size-th job; its first rank decodes and writes. after_encode:
-    # its first rank encodes all of them first, and T5 is freed before the DiT loads.
+    # its first rank encodes all of them first, and T5 is freed before the DiT loads. dit.offload=during_decode:
+    # the DiT leaves the GPU for each decode, to host memory, or for good before the group's last one.
     failed = 0
     mine = todo[runtime.dp_rank::runtime.dp_size]
     embeds = pipe.encode_prompts([job.prompt for job in mine]) if offload == "after_encode" else [None] * len(mine)
-    for job, text_embed in zip(mine, embeds):
+    for n, (job, text_embed) in enumerate(zip(mine, embeds), 1):
         if health is not None:
             health.mark(f"prompt {job.index}")
         try:
             generation = pipe.generate(job.prompt, job.time_length, job.width, job.height, job.seed,
-                                       progress=cfg.progress, text_embed=text_embed)
+                                       progress=cfg.progress, text_embed=text_embed, last=n == len(mine))
         except FloatingPointError as err:  # non-finite latents: every rank of the group has the same ones
             if not batch:
                 raise
