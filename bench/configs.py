@@ -21,6 +21,10 @@ DIT_CONFIGS = {
                             model_dim=512, ff_dim=2048, num_blocks=2, axes_dims=(16, 24, 24)),
                 latent=(5, 32, 48), text_tokens=64),
     "tiny": dict(params=TINY_DIT_PARAMS, latent=(3, 8, 12), text_tokens=20),
+    # mid's depth (2 block pairs) at half its width: 8 heads of 32; 3 x 4 x 6 = 72 visual + 32 text tokens.
+    "smoke": dict(params=dict(in_visual_dim=16, in_text_dim=128, out_visual_dim=16, time_dim=256,
+                              patch_size=(1, 2, 2), model_dim=256, ff_dim=1024, num_blocks=2, axes_dims=(8, 12, 12)),
+                  latent=(3, 8, 12), text_tokens=32),
 }
 # AutoencoderKLCogVideoX keyword arguments; None: the class defaults, which are the published config.
 VAE_CONFIGS = {

@@ -67,7 +67,8 @@ def main(argv=None):
     parser.add_argument("--quantize", default="none", choices=("none", "fp8"),
                         help="fp8: e4m3 weights with per-channel scales for the blocks' attention and MLP")
     parser.add_argument("--fp8-skip", type=_block_list, default=[],
-                        help="with --quantize fp8: blocks kept in bf16, as dit.fp8_skip (e.g. 0,-1)")
+                        help="with --quantize fp8: blocks kept in bf16, as dit.fp8_skip (e.g. 0,-1; default none, "
+                             "dit.fp8_skip's default)")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     try:
