@@ -84,8 +84,8 @@ class TextEncoderConfig:
 @dataclass
 class DiTConfig:
     quantize: str = key("none: the published dtype; fp8: the blocks' attention and MLP matmuls in float8 e4m3 with "
-                        "per-channel weight and per-token activation scales (11.1 → 6.4 GB for the published DiT; the video "
-                        "differs slightly, README \"FP8\"); never chosen by parallel.plan=auto", "none")
+                        "per-channel weight and per-token activation scales (11.1 → 6.4 GB for the published DiT; "
+                        "the video differs slightly, README \"FP8\"); never chosen by parallel.plan=auto", "none")
     fp8_skip: List[int] = key("dit.quantize=fp8: transformer blocks kept in bf16, by index 0..2·num_blocks-1 "
                               "(negative: from the last); default none, by measurement: no block removes enough "
                               "of FP8's error to earn bf16 (README \"Quality\", python -m bench.quality)",
