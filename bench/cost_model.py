@@ -1,4 +1,5 @@
-"""The cost model at the published size: FLOPs, each plan's predicted H100 time and memory, the planner's choice.
+"""The cost model at the published size: FLOPs, each plan's predicted H100 time and memory, the planner's choice,
+and one H100 with and without dit.quantize=fp8.
 
     python -m bench.cost_model [--mfu 0.5] [--degrees 1 2 4 8] [--no-meta-check] [--memory] [--json F] [--md F]
 
@@ -18,9 +19,10 @@ from k4flash.dit import DiffusionTransformer3D
 from k4flash.published import PUBLISHED_DIT_PARAMS
 from parallel import cost
 from parallel.counting import count_flops, vae_decode_counts
-from parallel.plan import candidate_plans
+from parallel.plan import Plan, candidate_plans
 from parallel.planner import (ALLOCATOR_HEADROOM, COMMUNICATOR_BYTES, CUDA_CONTEXT_BYTES, OFFLOADS, choose_plan,
                               predict_plan, rank_memory)
+from parallel.rank_work import rank_work
 
 
 def meta_dit_flops(params=PUBLISHED_DIT_PARAMS, latent_fhw=cost.PUBLISHED_LATENT,
@@ -76,26 +78,53 @@ def plan_rows(degrees, mfu, vae, gpu=cost.H100_SXM) -> list:
     return rows
 
 
-CHOICE_COLUMNS = [("gpus", "GPUs", None), ("plan", "plan", None), ("offload", "text_encoder.offload", None),
-                  ("end_to_end_s", "video s", _s), ("gpu_memory_gb", "GB / GPU", ".1f"),
-                  ("peak_stage", "peak at", None), ("note", "", None)]
+CHOICE_COLUMNS = [("gpus", "GPUs", None), ("quantize", "dit.quantize", None), ("plan", "plan", None),
+                  ("offload", "text_encoder.offload", None), ("dit_offload", "dit.offload", None),
+                  ("end_to_end_s", "video s", _s), ("dit_offload_s", "of it DiT copies s", _s),
+                  ("gpu_memory_gb", "GB / GPU", ".1f"), ("peak_stage", "peak at", None), ("note", "", None)]
 
 
-def planner_choices(degrees, sizes_gb, mfu, gpu=cost.H100_SXM) -> list:
-    """parallel.plan=auto's choice (plan and text-encoder offload) for each GPU count and memory size."""
+def planner_choice(world, memory_gb, mfu, gpu=cost.H100_SXM, quantize="none") -> dict:
+    """parallel.plan=auto's choice (plan, text-encoder and DiT offloads) for `world` GPUs of `memory_gb`, as a
+    batch or a server runs (the DiT copied out and back around each decode when it is offloaded)."""
+    name = f"{world} x {memory_gb} GB"
+    try:
+        plan, offload, dit_offload, candidates = choose_plan(PUBLISHED_DIT_PARAMS, world, memory_gb, gpu, mfu,
+                                                             quantize=quantize)
+    except ValueError as err:
+        return dict(gpus=name, quantize=quantize, plan="does not fit", note=str(err).split(": ", 1)[1])
+    row = next(r for r in candidates if r["plan_object"] == plan and r["offload"] == offload
+               and r["dit_offload"] == dit_offload)
+    return dict(gpus=name, quantize=quantize, plan=str(plan), offload=offload, dit_offload=dit_offload,
+                end_to_end_s=row["end_to_end_s"], dit_offload_s=row["dit_offload_s"],
+                gpu_memory_gb=row["gpu_memory_gb"], peak_stage=row["memory"]["peak_stage"],
+                note=f"{sum(r['fits'] for r in candidates)} of {len(candidates)} (plan, offloads) fit")
+
+
+def planner_choices(degrees, sizes_gb, mfu, gpu=cost.H100_SXM, fp8_worlds=()) -> list:
+    """planner_choice for each GPU count and memory size in bf16; with dit.quantize=fp8 too for the counts in
+    fp8_worlds (asked for: the planner never turns FP8 on)."""
     rows = []
     for memory_gb in sizes_gb:
         for world in degrees:
-            name = f"{world} x {memory_gb} GB"
-            try:
-                plan, offload, candidates = choose_plan(PUBLISHED_DIT_PARAMS, world, memory_gb, gpu, mfu)
-            except ValueError as err:
-                rows.append(dict(gpus=name, plan="does not fit", note=str(err).split(": ", 1)[1]))
-                continue
-            row = next(r for r in candidates if r["plan_object"] == plan and r["offload"] == offload)
-            rows.append(dict(gpus=name, plan=str(plan), offload=offload, end_to_end_s=row["end_to_end_s"],
-                             gpu_memory_gb=row["gpu_memory_gb"], peak_stage=row["memory"]["peak_stage"],
-                             note=f"{sum(r['fits'] for r in candidates)} of {len(candidates)} (plan, offload) fit"))
+            rows.append(planner_choice(world, memory_gb, mfu, gpu))
+            if world in fp8_worlds:
+                rows.append(planner_choice(world, memory_gb, mfu, gpu, quantize="fp8"))
+    return rows
+
+
+def fp8_rows(mfu, vae, gpu=cost.H100_SXM) -> list:
+    """One video on one GPU (tp=1, T5 resident, DiT kept), bf16 and dit.quantize=fp8, eager and fused."""
+    rows = []
+    for quantize in ("none", "fp8"):
+        for fused in (False, True):
+            p = predict_plan(PUBLISHED_DIT_PARAMS, Plan(), gpu, mfu, fused=fused, vae=vae, quantize=quantize)
+            rows.append(dict(quantize=quantize, mode="fused (compile)" if fused else "eager",
+                             fp8_tflop=p["rank_fp8_flops"] / 1e12, compute_s=p["dit_step_compute_s"],
+                             memory_s=p["dit_step_memory_s"], step_s=p["dit_step_s"], denoise_s=p["denoise_s"],
+                             t5_s=p["t5_s"], vae_s=p["vae_s"], end_to_end_s=p["end_to_end_s"],
+                             dit_gb=p["memory"]["dit_weights"] / 1e9, acts_gb=p["memory"]["dit_activations"] / 1e9,
+                             gpu_memory_gb=p["gpu_memory_gb"]))
     return rows
 
 
@@ -111,28 +140,44 @@ def memory_report(mfu=0.5, degrees=(1, 2, 4, 8), sizes_gb=(24, 40, 80), gpu=cost
                 continue
             for offload in OFFLOADS:
                 m = rank_memory(PUBLISHED_DIT_PARAMS, plan, offload)
+                off = rank_memory(PUBLISHED_DIT_PARAMS, plan, offload, dit_offload="during_decode")
                 stages = m["stages"]
                 rows.append(dict(gpus=world, plan=str(plan), offload=offload, dit=m["dit_weights"] / 1e9,
                                  t5=m["text_encoder"] / 1e9, dit_acts=m["dit_activations"] / 1e9,
                                  vae_acts=m["vae_activations"] / 1e9, encode=stages["encode"] / 1e9,
                                  denoise=stages["denoise"] / 1e9, decode=stages["decode"] / 1e9,
-                                 peak=m["peak"] / 1e9, **{f"fits_{size}": "yes" if m["peak"] / 1e9 <= size else "no"
-                                                          for size in sizes_gb}))
+                                 peak=m["peak"] / 1e9, decode_off=off["stages"]["decode"] / 1e9,
+                                 peak_off=off["peak"] / 1e9,
+                                 **{f"fits_{size}": _fits(m["peak"], off["peak"], size) for size in sizes_gb}))
     report.table("Peak GPU memory of a model group's first rank (T5, VAE, DiT shard), GB, one 12 s 672x384 video, "
-                 "bf16", [("gpus", "GPUs", None), ("plan", "plan", None), ("offload", "text_encoder.offload", None),
-                          ("dit", "DiT weights", ".2f"), ("t5", "T5 resident", ".2f"),
-                          ("dit_acts", "DiT activations", ".2f"), ("vae_acts", "VAE decode activations", ".2f"),
-                          ("encode", "encode", ".1f"), ("denoise", "denoise", ".1f"), ("decode", "decode", ".1f"),
-                          ("peak", "peak", ".1f")] + [(f"fits_{size}", f"{size} GB", None) for size in sizes_gb],
-                 rows)
-    report.table("Which GPUs? The planner's choice for each count and size", CHOICE_COLUMNS,
-                 planner_choices(degrees, sizes_gb, mfu, gpu))
+                 "bf16; the last columns with dit.offload=during_decode (the DiT off the GPU for the decode)",
+                 [("gpus", "GPUs", None), ("plan", "plan", None), ("offload", "text_encoder.offload", None),
+                  ("dit", "DiT weights", ".2f"), ("t5", "T5 resident", ".2f"),
+                  ("dit_acts", "DiT activations", ".2f"), ("vae_acts", "VAE decode activations", ".2f"),
+                  ("encode", "encode", ".1f"), ("denoise", "denoise", ".1f"), ("decode", "decode", ".1f"),
+                  ("peak", "peak", ".1f"), ("decode_off", "decode, DiT offloaded", ".1f"),
+                  ("peak_off", "peak, DiT offloaded", ".1f")]
+                 + [(f"fits_{size}", f"{size} GB", None) for size in sizes_gb], rows)
+    report.table("Which GPUs? The planner's choice for each count and size (bf16; one GPU also with "
+                 "dit.quantize=fp8)", CHOICE_COLUMNS, planner_choices(degrees, sizes_gb, mfu, gpu, fp8_worlds=(1,)))
     report.note("Each stage: resident weights + that stage's activations (counted on the meta device), x "
                 f"{ALLOCATOR_HEADROOM} allocator headroom, + {CUDA_CONTEXT_BYTES / 1e9:g} GB CUDA context + "
                 f"{COMMUNICATOR_BYTES / 1e9:g} GB per communicator. The VAE decodes a band of 1/(ulysses x tp) of "
                 "the rows (vae.parallel=true). after_encode: T5 loads first and is freed before the DiT loads; "
-                "cpu: T5 in pinned host memory, 2 blocks on the GPU at a time.")
+                "cpu: T5 in pinned host memory, 2 blocks on the GPU at a time. dit.offload=during_decode: the DiT's "
+                "weights leave the GPU before the decode; a batch or a server copies them to pinned host memory and "
+                f"back for the next video, {gpu.pcie_bytes_per_s / 1e9:g} GB/s each way over PCIe (an assumption: "
+                "PCIe 4 x16 with pinned memory), counted in 'video s' and shown apart; one video frees them.")
+    report.note("dit.quantize=fp8 is never the planner's choice (it changes the video); its rows are what "
+                "asking for it gives: e4m3 weights with float32 row scales for the blocks' attention and MLP, and "
+                "their inputs' float32 and e4m3 copies counted in the DiT activations.")
     return report
+
+
+def _fits(peak, peak_dit_offloaded, size_gb) -> str:
+    if peak / 1e9 <= size_gb:
+        return "yes"
+    return "with dit.offload" if peak_dit_offloaded / 1e9 <= size_gb else "no"
 
 
 def build_report(mfu=0.5, degrees=(1, 2, 4, 8), meta_check=True) -> Report:
@@ -176,9 +221,25 @@ def build_report(mfu=0.5, degrees=(1, 2, 4, 8), meta_check=True) -> Report:
 
     report.table("parallel.plan=auto: the plan chosen (fastest predicted video that fits), with its prediction",
                  CHOICE_COLUMNS, planner_choices(degrees, (80, 24), mfu, gpu))
+    report.table(f"One video on 1 {gpu.name}, bf16 and dit.quantize=fp8 (tp=1, T5 and the DiT resident; MFU "
+                 f"{mfu:.0%} of the bf16 and of the FP8 peak)", [
+                     ("quantize", "dit.quantize", None), ("mode", "DiT", None),
+                     ("fp8_tflop", "FP8 TFLOP / step", ".1f"), ("compute_s", "compute s / step", _s),
+                     ("memory_s", "memory s / step", _s), ("step_s", "step s", _s), ("denoise_s", "denoise s", _s),
+                     ("t5_s", "T5 s", _s), ("vae_s", "VAE s", _s), ("end_to_end_s", "video s", _s),
+                     ("dit_gb", "DiT weights GB", ".2f"), ("acts_gb", "DiT activations GB", ".2f"),
+                     ("gpu_memory_gb", "GB / GPU", ".1f")], fp8_rows(mfu, vae, gpu))
     report.note(f"{gpu.name}: {gpu.peak_bf16_flops / 1e12:.1f} TFLOP/s dense bf16, {gpu.hbm_bytes_per_s / 1e12:.2f} "
                 f"TB/s HBM, {gpu.link_bytes_per_s / 1e9:.0f} GB/s NVLink per direction (datasheet). MFU {mfu:.0%} is an "
-                f"assumption, not a measurement.")
+                f"assumption, not a measurement. FP8: {gpu.peak_fp8_flops / 1e12:.1f} TFLOP/s dense (datasheet), at "
+                f"the same MFU; host <-> GPU {gpu.pcie_bytes_per_s / 1e9:g} GB/s (assumed).")
+    bf16_work, fp8_work = (rank_work(params, Plan(), quantize=q) for q in ("none", "fp8"))
+    per_input = (fp8_work["memory_bytes"] - bf16_work["memory_bytes"]) / fp8_work["fp8_input_elements"]
+    report.note("dit.quantize=fp8 eager: each FP8 matmul's input is quantized per token by k4flash/fp8.py's passes "
+                "(|max| in float32, a float32 copy of a block of rows divided and clamped in place, the e4m3 write) "
+                f"and the bias added after the matmul: {per_input:.1f} bytes per input element, counted on the meta "
+                f"device; 'fused' counts {cost.FP8_FUSED_QUANTIZE_BYTES} bytes per input element, what one compiled "
+                "kernel reads and writes.")
     report.note("Per rank: FLOPs and eager memory-bound bytes counted by running the plan's code for one rank on "
                 "the meta device in bf16 (parallel/rank_work.py; its float32 copies for RoPE and the time embedding "
                 "included); 'fused' is the floor once torch.compile fuses each block's elementwise work "
@@ -195,8 +256,9 @@ def main(argv=None):
     parser.add_argument("--degrees", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--no-meta-check", action="store_true", help="skip the FlopCounterMode cross-checks")
     parser.add_argument("--memory", action="store_true",
-                        help="instead: peak GPU memory per rank for each plan and text-encoder offload, and the "
-                             "planner's choice for 24, 40 and 80 GB GPUs")
+                        help="instead: peak GPU memory per rank for each plan and text-encoder offload (and with "
+                             "dit.offload=during_decode), and the planner's choice for 24, 40 and 80 GB GPUs (one GPU "
+                             "also with dit.quantize=fp8)")
     add_output_args(parser)
     args = parser.parse_args(argv)
     if args.memory:

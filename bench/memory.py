@@ -1,7 +1,7 @@
 """Host memory per rank at the published size, measured on CPU next to the memory model's prediction.
 
     python -m bench.memory [--size published|smoke] [--runs 1:none 1:after_encode 2:none 2:after_encode 4:after_encode]
-                           [--dir PATH] [--json F] [--md F]
+                           [--quantize none|fp8] [--dir PATH] [--json F] [--md F]
 
 Writes random weights in the published layout (once; kept in --dir): the DiT at its published
 size as `kandinsky4_distil_512.safetensors` (5.57 B parameters, bf16, 11.1 GB; the form
@@ -11,7 +11,8 @@ plus the tiny tokenizer. Then, for each run `tp:offload`, fresh gloo ranks on th
 the pipeline's order: the group's first rank loads T5 and encodes a prompt (after_encode: and
 frees it) around the DiT load, as `load_pipeline` does, then every rank runs one DiT forward at
 1 frame of 512x512 (1,024 + 224 tokens, bf16). Each phase reports every rank's peak RSS
-(VmHWM, after resetting it) and peak anonymous memory (RssAnon, sampled every 5 ms), next to
+(VmHWM, after resetting it) and peak anonymous memory (RssAnon, sampled every 5 ms; glibc's mmap
+threshold fixed at 1 MiB, so freed tensors leave the process: `_freed_memory_leaves`), next to
 parallel.planner.rank_memory's prediction for the same rank: the process's anonymous memory before
 any weight plus the resident weights and the phase's activations (device="cpu": no allocator
 headroom, no CUDA context). The comparison is with anonymous memory, what the process itself
@@ -19,6 +20,12 @@ holds, as a GPU would: the DiT loaders copy every tensor out of the file, and T5
 which transformers leaves as views of the memory-mapped file, are copied too. Peak RSS adds
 the file's pages the kernel keeps mapped meanwhile. `--size smoke` runs the same code on a
 scaled-down config (CI).
+
+`--quantize fp8` runs the DiT as `dit.quantize=fp8` does (k4flash/fp8.py), from a random FP8 checkpoint
+written the same way: `kandinsky4_distil_512.fp8.safetensors`, the bf16 file's tensors (the same draws)
+with the blocks' attention and MLP weights quantized by `quantize_rows` (e4m3, 6.4 GB at the published
+size), as `python -m parallel.convert --quantize fp8` writes it; the prediction counts the FP8 weights and
+the FP8 matmuls' input copies (rank_memory(quantize="fp8")).
 
 With 24 GB of RAM, tp = 4 with T5 resident (none) would need 4 ranks' DiT shards beside T5 at once
 and is left out by default; after_encode frees T5 before the DiT loads.
@@ -51,26 +58,46 @@ SIZES = {
 }
 DEFAULT_RUNS = {"published": ["1:none", "1:after_encode", "2:none", "2:after_encode", "4:after_encode"],
                 "smoke": ["1:none", "1:after_encode", "2:none", "2:after_encode"]}
+DEFAULT_FP8_RUNS = {"published": ["1:none", "1:after_encode", "2:after_encode"], "smoke": DEFAULT_RUNS["smoke"]}
+DIT_FILES = {"none": "kandinsky4_distil_512.safetensors", "fp8": "kandinsky4_distil_512.fp8.safetensors"}
 GIB = 2**30
 
 
-def write_streamed_safetensors(path: Path, shapes: dict, seed: int = 0, scale: float = 0.02) -> None:
-    """A bf16 .safetensors of random tensors, written one tensor at a time (never the whole file in memory)."""
-    header, offset = {}, 0
+def write_streamed_safetensors(path: Path, shapes: dict, seed: int = 0, scale: float = 0.02, quantized=(),
+                               metadata=None) -> None:
+    """A bf16 .safetensors of random tensors, written one tensor at a time (never the whole file in memory).
+
+    `quantized`: weight names written as k4flash/fp8.py's quantize_rows makes them (e4m3, followed by their
+    float32 `.weight_scale`), from the same draws as the bf16 file: what parallel.convert --quantize fp8
+    makes of it.
+    """
+    from k4flash.fp8 import SCALE_SUFFIX, quantize_rows
+
+    layout = []  # (name, dtype, shape, element size)
     for name, shape in shapes.items():
-        size = 2 * int(torch.Size(shape).numel())
-        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        if name in quantized:
+            layout += [(name, "F8_E4M3", shape, 1), (name + SCALE_SUFFIX, "F32", shape[:1], 4)]
+        else:
+            layout.append((name, "BF16", shape, 2))
+    header, offset = {}, 0
+    for name, dtype, shape, element in layout:
+        size = element * int(torch.Size(shape).numel())
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
-    header["__metadata__"] = {"format": "pt", "written_by": "bench.memory (random weights)"}
+    header["__metadata__"] = {"format": "pt", "written_by": "bench.memory (random weights)", **(metadata or {})}
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
     generator = torch.Generator().manual_seed(seed)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(encoded)) + encoded)
-        for shape in shapes.values():
+        for name, shape in shapes.items():
             tensor = (torch.randn(shape, generator=generator) * scale).to(torch.bfloat16)
-            f.write(tensor.view(torch.int16).numpy().tobytes())
+            if name in quantized:
+                q, row_scale = quantize_rows(tensor)
+                f.write(q.view(torch.uint8).numpy().tobytes() + row_scale.numpy().tobytes())
+            else:
+                f.write(tensor.view(torch.int16).numpy().tobytes())
     tmp.replace(path)
 
 
@@ -80,31 +107,36 @@ def _t5_config(t5: dict):
                     use_cache=False, dropout_rate=0.0)
 
 
-def write_weights(folder: Path, size: str) -> Path:
-    """The random published-layout weights for `size` in folder/size (reused when complete)."""
+def write_weights(folder: Path, size: str, quantize: str = "none") -> Path:
+    """The random published-layout weights for `size` in folder/size: T5, the tokenizer and the DiT file
+    `quantize` runs from (DIT_FILES). Each file is written to a temporary name and renamed: one that exists is
+    complete, and reused."""
     from transformers import T5EncoderModel
 
     from k4flash.dit import DiffusionTransformer3D
+    from k4flash.fp8 import quantized_layer_paths
     from k4flash.tiny import ensure_tiny_weights
 
     spec, root = SIZES[size], folder / size
-    done = root / ".complete"
-    if done.exists():
-        return root
     (root / "text_encoder").mkdir(parents=True, exist_ok=True)
     with torch.device("meta"):
         dit = DiffusionTransformer3D(**spec["dit"])
         config = _t5_config(spec["t5"])
         t5 = T5EncoderModel(config)
-    write_streamed_safetensors(root / "kandinsky4_distil_512.safetensors",
-                               {k: tuple(v.shape) for k, v in dit.state_dict().items()}, seed=0)
-    tied = {"encoder.embed_tokens.weight"}  # the same tensor as shared.weight: written once, as transformers does
-    write_streamed_safetensors(root / "text_encoder" / "model.safetensors",
-                               {k: tuple(v.shape) for k, v in t5.state_dict().items() if k not in tied}, seed=1)
+    dit_file = root / DIT_FILES[quantize]
+    if not dit_file.exists():
+        quantized = {f"{path}.weight" for path in quantized_layer_paths(spec["dit"]["num_blocks"])} \
+            if quantize == "fp8" else set()
+        write_streamed_safetensors(dit_file, {k: tuple(v.shape) for k, v in dit.state_dict().items()}, seed=0,
+                                   quantized=quantized,
+                                   metadata=dict(quantize="fp8", fp8_skip="[]") if quantized else None)
+    if not (root / "text_encoder" / "model.safetensors").exists():
+        tied = {"encoder.embed_tokens.weight"}  # the same tensor as shared.weight: written once, as transformers does
+        write_streamed_safetensors(root / "text_encoder" / "model.safetensors",
+                                   {k: tuple(v.shape) for k, v in t5.state_dict().items() if k not in tied}, seed=1)
     config.architectures = ["T5EncoderModel"]
     config.to_json_file(str(root / "text_encoder" / "config.json"))
     shutil.copytree(ensure_tiny_weights() / "tokenizer", root / "tokenizer", dirs_exist_ok=True)
-    done.touch()
     return root
 
 
@@ -130,10 +162,27 @@ class PhasePeak:
         self.rss = max(status_kib("VmHWM"), status_kib("VmRSS")) * 1024
 
 
-def _rank_run(runtime, root, size, offload):
+MMAP_THRESHOLD = 1 << 20  # glibc: blocks from 1 MiB up are mmapped, and unmapped when freed
+
+
+def _freed_memory_leaves():
+    """glibc malloc's mmap threshold fixed at MMAP_THRESHOLD (mallopt M_MMAP_THRESHOLD), so a freed tensor's memory
+    leaves the process and the anonymous peak is what was alive, which the memory model counts. By default glibc
+    raises the threshold up to 32 MB as blocks are freed and keeps such blocks in its heap: an FP8 forward's
+    float32 temporaries then stay held, not alive (+0.2-0.3 GiB at the published size)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, MMAP_THRESHOLD)  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: its allocator as it is
+        pass
+
+
+def _rank_run(runtime, root, size, offload, quantize="none"):
     """One rank: T5 and the DiT loaded in the pipeline's order, a prompt encoded, one DiT forward; per phase peaks."""
     import gc
 
+    _freed_memory_leaves()
     from k4flash.text_encoder import T5TextEncoder
     from k4flash.weights import load_dit
     from parallel.load import load_dit_sharded
@@ -163,11 +212,11 @@ def _rank_run(runtime, root, size, offload):
     if first and offload == "after_encode":
         load_t5()
     with PhasePeak() as peak:
-        checkpoint = root / "kandinsky4_distil_512.safetensors"
+        checkpoint = root / DIT_FILES[quantize]
         if runtime.group_size > 1:
-            dit = load_dit_sharded(spec["dit"], checkpoint, runtime.dit_mesh, dtype=torch.bfloat16)
+            dit = load_dit_sharded(spec["dit"], checkpoint, runtime.dit_mesh, dtype=torch.bfloat16, quantize=quantize)
         else:
-            dit = load_dit(spec["dit"], checkpoint, dtype=torch.bfloat16)
+            dit = load_dit(spec["dit"], checkpoint, dtype=torch.bfloat16, quantize=quantize)
     phases["DiT load"] = peak
     if first and offload != "after_encode":
         load_t5()
@@ -180,20 +229,20 @@ def _rank_run(runtime, root, size, offload):
     return dict(baseline=baseline, phases={name: dict(rss=p.rss, anon=p.anon) for name, p in phases.items()})
 
 
-def _single(root, size, offload):
+def _single(root, size, offload, quantize="none"):
     from parallel.runtime import Runtime
     torch.set_num_threads(2)
-    return _rank_run(Runtime(), root, size, offload)
+    return _rank_run(Runtime(), root, size, offload, quantize)
 
 
-def predicted(size, tp, offload, rank, baseline) -> dict:
+def predicted(size, tp, offload, rank, baseline, quantize="none") -> dict:
     """rank_memory's host-memory prediction per phase for this rank (bytes), the measured baseline added."""
     from parallel.plan import Plan
     from parallel.planner import rank_memory
 
     spec = SIZES[size]
     m = rank_memory(spec["dit"], Plan(tp=tp), offload, spec["latent"], TEXT_TOKENS, device="cpu",
-                    group_main=rank == 0, loads_vae=False, t5=spec["t5"])
+                    group_main=rank == 0, loads_vae=False, t5=spec["t5"], quantize=quantize)
     # The pipeline's order: after_encode loads T5 before the DiT, none after it; either way the DiT load
     # holds no T5 yet, only the shard.
     return {"T5 load + encode": baseline + m["stages"]["encode"], "DiT load": baseline + m["dit_weights"],
@@ -204,34 +253,38 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="published")
     parser.add_argument("--runs", nargs="+", help="tp:offload pairs (default: every one that fits 24 GB of RAM)")
+    parser.add_argument("--quantize", choices=sorted(DIT_FILES), default="none",
+                        help="fp8: the DiT as dit.quantize=fp8 runs it, from a random FP8 checkpoint")
     parser.add_argument("--dir", type=Path, help="where the random weights are written and kept (default: a "
                         "temporary folder, removed after)")
     add_output_args(parser)
     args = parser.parse_args(argv)
-    runs = [(int(tp), offload) for tp, offload in (r.split(":") for r in (args.runs or DEFAULT_RUNS[args.size]))]
+    defaults = (DEFAULT_FP8_RUNS if args.quantize == "fp8" else DEFAULT_RUNS)[args.size]
+    runs = [(int(tp), offload) for tp, offload in (r.split(":") for r in (args.runs or defaults))]
     report = Report("memory", size=args.size, latent=SIZES[args.size]["latent"], dtype="bfloat16",
-                    backend="gloo, 1 thread per rank")
+                    quantize=args.quantize, backend="gloo, 1 thread per rank")
     with tempfile.TemporaryDirectory() as tmp:
-        root = write_weights(args.dir or Path(tmp), args.size)
+        root = write_weights(args.dir or Path(tmp), args.size, args.quantize)
         rows = []
         for tp, offload in runs:
             try:
-                per_rank = [in_fresh_process(_single, str(root), args.size, offload)] if tp == 1 else \
-                    run_ranks(tp, _rank_run, str(root), args.size, offload, tp=tp, timeout=3600,
-                              start_method="spawn")
+                per_rank = [in_fresh_process(_single, str(root), args.size, offload, args.quantize)] if tp == 1 \
+                    else run_ranks(tp, _rank_run, str(root), args.size, offload, args.quantize, tp=tp, timeout=3600,
+                                   start_method="spawn")
             except Exception as err:  # e.g. the kernel's OOM killer: report the run, go on with the next
                 report.note(f"tp={tp} {offload}: failed: {str(err).splitlines()[0]}")
                 continue
             for rank, result in enumerate(per_rank):
                 if rank > 1:  # ranks past the second hold the same as the second
                     continue
-                expected = predicted(args.size, tp, offload, rank, result["baseline"])
+                expected = predicted(args.size, tp, offload, rank, result["baseline"], args.quantize)
                 for phase, measured in result["phases"].items():
                     rows.append(dict(tp=tp, offload=offload, rank=rank, phase=phase,
                                      baseline=result["baseline"] / GIB, rss=measured["rss"] / GIB,
                                      anon=measured["anon"] / GIB, predicted=expected[phase] / GIB,
                                      error=(measured["anon"] - expected[phase]) / expected[phase]))
-    report.table("Peak host memory per rank and phase, GiB, measured vs parallel.planner.rank_memory", [
+    report.table("Peak host memory per rank and phase, GiB, measured vs parallel.planner.rank_memory"
+                 + (", dit.quantize=fp8" if args.quantize == "fp8" else ""), [
         ("tp", "tp", None), ("offload", "text_encoder.offload", None), ("rank", "rank", None),
         ("phase", "phase", None), ("baseline", "anonymous before weights", ".2f"), ("rss", "peak RSS", ".2f"),
         ("anon", "peak anonymous", ".2f"), ("predicted", "predicted", ".2f"),

@@ -397,5 +397,6 @@ def load_dit(params: dict, checkpoint_path, device="cpu", dtype=torch.float32, *
     state = {name: owned_copy(readers[name](None, None), device, fp8.load_dtype(name, param.dtype, dtype))
              for name, param in model.named_parameters()}
     model.load_state_dict(state, strict=False, assign=True)
+    del state  # the cast below makes new FP8 tensors (fp8.py): no second reference may keep the old ones alive
     model.init_derived_buffers()  # the RoPE buffers are still meta
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)  # FP8 layers keep theirs (fp8.py)

@@ -2,8 +2,8 @@
 
 `request_plan` checks `parallel.*` against the world size and the DiT's widths before torch is
 imported (part of the checks run before loading); `choose` turns the request into the run's
-`Plan` and `text_encoder.offload`, asking the planner (parallel/planner.py) when something is
-left to choose.
+`Plan`, `text_encoder.offload` and `dit.offload`, asking the planner (parallel/planner.py) when
+something is left to choose.
 """
 import logging
 from dataclasses import dataclass
@@ -62,40 +62,56 @@ def request_plan(cfg) -> PlanRequest:
 
 def choose(cfg, request: PlanRequest, geometry, device) -> tuple:
     """(the run's Plan, its text-encoder offload, its dit.offload) for videos of `geometry` (time_length, width,
-    height). dit.offload=auto is none off CUDA.
+    height).
 
     parallel.plan=auto: the fastest plan the cost model predicts that fits the GPUs' memory, among those the
     request allows; logged with its prediction (rank 0). text_encoder.offload=auto: the first of none,
-    after_encode, cpu with which that plan fits (none on CPU).
+    after_encode, cpu with which that plan fits (none on CPU). dit.offload=auto: none unless only
+    during_decode fits (none on CPU). dit.quantize and dit.fp8_skip are counted as configured, never changed.
     """
-    offload = cfg.text_encoder.offload
-    dit_offload = "none" if cfg.dit.offload == "auto" else cfg.dit.offload
-    if not request.auto and (offload != "auto" or device.type != "cuda"):
-        return request.plan, "none" if offload == "auto" else offload, dit_offload
+    from k4flash.geometry import DIT_OFFLOADS, TEXT_ENCODER_OFFLOADS
+
+    cuda = device.type == "cuda"
+    offload, dit_offload = cfg.text_encoder.offload, cfg.dit.offload
+    offloads = (offload,) if offload != "auto" else TEXT_ENCODER_OFFLOADS if cuda else ("none",)
+    dit_offloads = (dit_offload,) if dit_offload != "auto" else DIT_OFFLOADS if cuda else ("none",)
+    if not request.auto and len(offloads) == len(dit_offloads) == 1:
+        return request.plan, offloads[0], dit_offloads[0]
     from k4flash.geometry import latent_shape
-    from parallel.planner import OFFLOADS, choose_plan
+    from parallel.planner import choose_plan
 
     world = env_world()[1]
     memory_gb = cfg.parallel.gpu_memory_gb
     if memory_gb is None:
         import torch
-        memory_gb = torch.cuda.get_device_properties(device).total_memory / 1e9 if device.type == "cuda" \
-            else float("inf")
+        memory_gb = torch.cuda.get_device_properties(device).total_memory / 1e9 if cuda else float("inf")
     latent = latent_shape(geometry.time_length, geometry.height, geometry.width)[:3]
+    # A batch or a server needs the DiT again after each decode: during_decode copies it out and back.
+    reload = cfg.mode == "serve" or bool(cfg.prompts_file)
     try:
-        plan, offload, rows = choose_plan(dit_params(cfg), world, memory_gb, latent_fhw=latent,
-                                          allowed=request.allows,
-                                          offloads=OFFLOADS if offload == "auto" else (offload,))
+        plan, offload, dit_offload, rows = choose_plan(
+            dit_params(cfg), world, memory_gb, latent_fhw=latent, allowed=request.allows, offloads=offloads,
+            dit_offloads=dit_offloads, quantize=cfg.dit.quantize, fp8_skip=tuple(cfg.dit.fp8_skip),
+            dit_reload=reload)
     except ValueError as err:
         if request.auto:
             raise UsageError(str(err)) from None
-        log.warning("text_encoder.offload=auto: the memory model fits no setting with this plan (%s); using cpu, "
-                    "the smallest", err)
-        return request.plan, "cpu", dit_offload
-    row = next(r for r in rows if r["plan_object"] == plan and r["offload"] == offload)
+        log.warning("%s: the memory model fits no setting with this plan (%s); using the smallest",
+                    _auto_keys(cfg), err)
+        return request.plan, offloads[-1], dit_offloads[-1]
+    row = next(r for r in rows if r["plan_object"] == plan and r["offload"] == offload
+               and r["dit_offload"] == dit_offload)
     if env_world()[0] == 0:
-        log.info("%s on %d GPU(s), %s: %s, text_encoder.offload=%s (predicted %.2f s per video on H100s, %.1f GB "
-                 "per GPU; %d choices considered)", "parallel.plan=auto" if request.auto else
-                 "text_encoder.offload=auto", world, "no memory limit" if memory_gb == float("inf") else
-                 f"{memory_gb:g} GB each", plan, offload, row["end_to_end_s"], row["gpu_memory_gb"], len(rows))
+        log.info("%s on %d GPU(s), %s: %s, text_encoder.offload=%s, dit.offload=%s (predicted %.2f s per video on "
+                 "H100s%s, %.1f GB per GPU; %d choices considered)",
+                 "parallel.plan=auto" if request.auto else _auto_keys(cfg), world,
+                 "no memory limit" if memory_gb == float("inf") else f"{memory_gb:g} GB each", plan, offload,
+                 dit_offload, row["end_to_end_s"], f", {row['dit_offload_s']:.2f} s of it DiT copies over PCIe"
+                 if row["dit_offload_s"] else "", row["gpu_memory_gb"], len(rows))
     return plan, offload, dit_offload
+
+
+def _auto_keys(cfg) -> str:
+    """The offload keys left to choose, as the log names them."""
+    return ", ".join(f"{key}=auto" for key, value in (("text_encoder.offload", cfg.text_encoder.offload),
+                                                      ("dit.offload", cfg.dit.offload)) if value == "auto")

@@ -46,11 +46,19 @@ class GPU:
     hbm_bytes_per_s: float
     link_bytes_per_s: float  # per GPU, one direction: what a ring all-reduce step can use
     collective_latency_s: float  # fixed cost per collective call (NCCL launch + sync), assumed
+    peak_fp8_flops: float = None  # dense e4m3 tensor-core rate; None: no FP8 tensor cores
+    pcie_bytes_per_s: float = 25e9  # host <-> GPU, pinned memory, one direction, as copies reach it
 
 
-# NVIDIA H100 SXM5 datasheet: 989.4 TFLOP/s dense bf16, 3.35 TB/s HBM3, NVLink 4 at 900 GB/s
-# per GPU in both directions together (450 GB/s each way). 10 µs per collective is an assumption.
-H100_SXM = GPU("H100 SXM5", 989.4e12, 3.35e12, 450e9, 10e-6)
+# NVIDIA H100 SXM5 datasheet: 989.4 TFLOP/s dense bf16, 1978.9 dense FP8 (the figures of
+# bench/gpu_check/peaks.py; tests/test_bench.py holds them equal), 3.35 TB/s HBM3, NVLink 4 at 900 GB/s
+# per GPU in both directions together (450 GB/s each way). 10 µs per collective is an assumption, and so
+# is 25 GB/s host <-> GPU: what pinned copies reach on PCIe 4 x16 (the 24 GB cards: RTX 4090, L4, A10),
+# and a conservative floor for the H100's PCIe 5 x16 (~50 GB/s).
+H100_SXM = GPU("H100 SXM5", 989.4e12, 3.35e12, 450e9, 10e-6, peak_fp8_flops=1978.9e12, pcie_bytes_per_s=25e9)
+# A fused FP8 input quantization (torch.compile): each bf16 input read twice (its max |x| per token, then
+# scaled and cast) and written once in e4m3; eager runs k4flash/fp8.py quantize_rows's passes, counted.
+FP8_FUSED_QUANTIZE_BYTES = 2 + 2 + 1  # per input element
 
 
 def dit_tokens(params: dict, latent_fhw=PUBLISHED_LATENT) -> int:
@@ -201,12 +209,13 @@ def scaled_vae_counts(latent_fhw=PUBLISHED_LATENT) -> dict:
 
 def predict(params=None, gpu=H100_SXM, tp=1, mfu=1.0, steps=NUM_STEPS, latent_fhw=PUBLISHED_LATENT,
             text_tokens=TEXT_TOKENS, vae=None, vae_ranks=1, ulysses=1, sequence_parallel=False,
-            rank_flops=None, rank_memory_bytes=None) -> dict:
+            rank_flops=None, rank_memory_bytes=None, rank_fp8_flops=0) -> dict:
     """Predicted seconds per stage for one video on tp · ulysses GPUs at model-FLOP utilisation `mfu`.
 
     DiT step = rank FLOPs / (peak · mfu) + memory-bound bytes / HBM + wire bytes / link + calls ·
     latency, with no overlap. rank_flops / rank_memory_bytes: one rank's counts (parallel/plan.py
     counts them on the meta device); by default the FLOPs split evenly and no memory-bound term.
+    rank_fp8_flops: the part of rank_flops in FP8 matmuls (dit.quantize=fp8), at the FP8 peak · mfu.
     T5 runs on one GPU and takes the larger of its compute and reading its weights once. The VAE
     adds its elementwise traffic at HBM bandwidth to its convolution time, split over `vae_ranks`
     GPUs by the row-parallel decode (vae.parallel) plus one latency per halo exchange / GroupNorm
@@ -217,7 +226,10 @@ def predict(params=None, gpu=H100_SXM, tp=1, mfu=1.0, steps=NUM_STEPS, latent_fh
     flops = dit_flops(params, latent_fhw, text_tokens)
     comm = dit_plan_comm(params, tp, ulysses, sequence_parallel, latent_fhw, text_tokens)
     rank_flops = flops["total"] / ranks if rank_flops is None else rank_flops
-    compute_s = rank_flops / (gpu.peak_bf16_flops * mfu)
+    if rank_fp8_flops and not gpu.peak_fp8_flops:
+        raise ValueError(f"{gpu.name} has no FP8 tensor cores: dit.quantize=fp8 cannot be predicted on it")
+    compute_s = (rank_flops - rank_fp8_flops) / (gpu.peak_bf16_flops * mfu) \
+        + (rank_fp8_flops / (gpu.peak_fp8_flops * mfu) if rank_fp8_flops else 0.0)
     memory_s = (rank_memory_bytes or 0) / gpu.hbm_bytes_per_s
     comm_s = comm["wire_bytes"] / gpu.link_bytes_per_s + comm["collectives"] * gpu.collective_latency_s
     t5 = t5_encoder_flops(text_tokens, **T5_XXL)

@@ -5,6 +5,7 @@ These are the measurements behind the cost model (parallel/cost.py): tests hold 
 them, and parallel/rank_work.py counts one rank of a plan with them. Everything works on meta
 tensors, so the published size costs no memory.
 """
+import sys
 import weakref
 
 import torch
@@ -68,7 +69,7 @@ class MemoryTraffic(TorchDispatchMode):
         return out
 
 
-_MATMUL_OPS = {"mm", "addmm", "addmm_", "bmm", "baddbmm", "matmul", "linear", "convolution"}
+_MATMUL_OPS = {"mm", "addmm", "addmm_", "bmm", "baddbmm", "matmul", "linear", "convolution", "_scaled_mm"}
 # Allocations, and _unsafe_view: the reshape that follows a copy (the copy is counted), an alias itself.
 _NO_TRAFFIC_OPS = {"empty", "empty_like", "empty_strided", "new_empty", "zeros", "ones", "scalar_tensor",
                    "_unsafe_view"}
@@ -80,23 +81,40 @@ class RankWork(TorchDispatchMode):
     Matmuls and everything inside joint attention (the DiT's `attention`, wrapped with `uncounted`) are
     compute, counted as FLOPs instead; collectives are communication (c10d ops, and whatever a backend does inside
     one: wrap its calls with `uncounted`); allocations move nothing. Bytes are numel ×
-    bytes_per_element whatever the dtype (a bf16 run's traffic from an fp32 one).
+    bytes_per_element whatever the dtype (a bf16 run's traffic from an fp32 one), except for what the functions in
+    `exact` dispatch (called from them, at any depth below): each of their tensors counts at its own element
+    size (an FP8 matmul's input quantization: float32 blocks, e4m3 out).
     """
 
-    def __init__(self, bytes_per_element=2):
+    def __init__(self, bytes_per_element=2, exact=()):
         super().__init__()
         self.bytes_per_element = bytes_per_element
         self.bytes = 0
         self.skipping = False
+        self._exact_code = frozenset(fn.__code__ for fn in exact)
+        self.fp8_input_elements = 0  # what the FP8 matmuls took in (quantized tokens x features)
+
+    def _in_exact(self) -> bool:
+        frame = sys._getframe(2)  # the caller of __torch_dispatch__'s caller: the op's Python call site and up
+        while frame is not None and self._exact_code:
+            if frame.f_code in self._exact_code:
+                return True
+            frame = frame.f_back
+        return False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
+        if name == "_scaled_mm" and not self.skipping:
+            self.fp8_input_elements += args[0].numel()
         if func.is_view or self.skipping or func.namespace == "c10d" or name in _MATMUL_OPS \
                 or name in _NO_TRAFFIC_OPS or "scaled_dot_product" in name:
             return out
         tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
-        self.bytes += sum(t.numel() for t in tensors) * self.bytes_per_element
+        if self._in_exact():
+            self.bytes += sum(t.numel() * t.element_size() for t in tensors)
+        else:
+            self.bytes += sum(t.numel() for t in tensors) * self.bytes_per_element
         return out
 
     def uncounted(self, fn):

@@ -108,19 +108,35 @@ def test_cost_model_command(tmp_path):
     assert t5_meta["tflop"] == pytest.approx(t5_row["tflop"], rel=0.01)
     choices = {r["gpus"]: r for r in _rows(data, 3)}
     assert set(choices) == {f"{n} x {gb} GB" for n in (1, 2, 4, 8) for gb in (80, 24)}
-    assert choices["1 x 24 GB"]["plan"] == "does not fit"  # the one-GPU VAE decode alone is 11.8 GB
+    assert {r["quantize"] for r in _rows(data, 3)} == {"none"}  # the planner never turns FP8 on
+    # one 24 GB GPU: the DiT leaves the GPU for the decode (its 11.8 GB peak), copied out and back per video
+    one = choices["1 x 24 GB"]
+    assert (one["plan"], one["offload"], one["dit_offload"]) == ("tp=1", "after_encode", "during_decode")
+    assert one["gpu_memory_gb"] <= 24 and one["dit_offload_s"] == pytest.approx(2 * 11.14 / 25, rel=0.01)
     for name, choice in choices.items():
         world, memory = int(name.split()[0]), float(name.split()[2])
-        if choice["plan"] == "does not fit":
-            continue
-        # The plan table is with T5 resident: a choice that keeps it is the fastest plan that fits there; one
-        # that offloads it does so because no plan fits with it resident.
+        # The plan table is with T5 and the DiT resident: a choice that keeps both is the fastest plan that fits
+        # there; one that offloads either does so because no plan fits with both resident.
         fitting = [r for r in plans if r["gpus"] == world and r["gpu_memory_gb"] <= memory]
-        if choice["offload"] == "none":
+        if choice["offload"] == choice["dit_offload"] == "none":
             assert choice["end_to_end_s"] == pytest.approx(min(r["end_to_end_s"] for r in fitting), rel=0.011)
         else:
             assert not [r for r in fitting if r["plan"] == choice["plan"]]
     assert "parallel.plan=auto" in markdown
+    bf16, bf16_fused, fp8, fp8_fused = _rows(data, 4)  # one H100, with and without FP8
+    assert (bf16["quantize"], fp8["quantize"], fp8_fused["mode"]) == ("none", "fp8", "fused (compile)")
+    assert bf16["end_to_end_s"] == pytest.approx(plans[0]["end_to_end_s"]) and bf16["fp8_tflop"] == 0
+    assert fp8["compute_s"] < bf16["compute_s"] and fp8["memory_s"] > bf16["memory_s"]  # FP8 rate; quantize passes
+    assert fp8_fused["end_to_end_s"] < bf16_fused["end_to_end_s"] and fp8["dit_gb"] == pytest.approx(6.39, abs=0.01)
+
+
+def test_the_cost_models_gpu_peaks_are_the_datasheet_table():
+    """One set of datasheet figures: parallel/cost.py's H100 is bench/gpu_check/peaks.py's."""
+    from bench.gpu_check.peaks import peak_tflops
+
+    peaks = peak_tflops("NVIDIA H100 80GB HBM3")
+    assert (cost.H100_SXM.peak_bf16_flops, cost.H100_SXM.peak_fp8_flops) == (peaks["bf16"] * 1e12,
+                                                                            peaks["fp8"] * 1e12)
 
 
 @pytest.mark.slow
@@ -250,6 +266,33 @@ def test_memory_command_smoke_is_within_the_model(tmp_path):
     assert {r["phase"] for r in rows} == {"T5 load + encode", "DiT load", "DiT forward"}
     assert all(abs(r["error"]) < 0.2 and r["anon"] > r["baseline"] for r in rows), rows
     assert "Largest whole-run error" in markdown
+
+
+@pytest.mark.slow
+def test_memory_command_fp8_smoke_is_within_the_model(tmp_path):
+    """--quantize fp8: a random FP8 checkpoint, loaded and run as dit.quantize=fp8, next to rank_memory's FP8
+    prediction (README: the published size within 5 %; the smoke size's few MB of weights sit on a 0.27 GiB
+    process, so its bound is the bf16 smoke's)."""
+    from safetensors import safe_open
+
+    from bench.memory import main
+    data, markdown = _run(main, ["--size", "smoke", "--quantize", "fp8", "--runs", "1:none", "2:after_encode",
+                                 "--dir", str(tmp_path)], tmp_path, "memory")
+    rows = _rows(data)
+    assert {(r["tp"], r["offload"]) for r in rows} == {(1, "none"), (2, "after_encode")}
+    assert all(abs(r["error"]) < 0.2 and r["anon"] > r["baseline"] for r in rows), rows
+    assert "dit.quantize=fp8" in markdown
+    # the prediction holds the FP8 model's weights: e4m3 and float32 row scales, counted on the quantized meta model
+    from bench.memory import SIZES
+    from k4flash.fp8 import quantize_dit
+    with torch.device("meta"):
+        smoke = quantize_dit(DiffusionTransformer3D(**SIZES["smoke"]["dit"]).to(torch.bfloat16))
+    weights = sum(p.numel() * p.element_size() for p in smoke.parameters())
+    (load,) = [r for r in rows if r["tp"] == 1 and r["phase"] == "DiT load"]
+    assert (load["predicted"] - load["baseline"]) * 2**30 == pytest.approx(weights, rel=1e-9)
+    with safe_open(str(tmp_path / "smoke" / "kandinsky4_distil_512.fp8.safetensors"), "pt") as f:
+        weight = "transformer_blocks.0.0.feed_forward.in_layer.weight"
+        assert f.get_slice(weight).get_dtype() == "F8_E4M3" and f"{weight}_scale" in f.keys()
 
 
 @pytest.mark.slow

@@ -308,3 +308,69 @@ def test_the_cli_runs_each_plan_with_the_one_rank_latents(name, cli_runs):
         assert layout[name] in log, log[-2000:]
     if name == "dp2_ulysses2":  # the second model group (ranks 2-3) took the second prompt; its first rank wrote it
         assert "rank 2: wrote" in log and "batch finished in" in log
+
+
+# --- the planner's offload and FP8 choices through launch/planning.py choose() ------------------------------------
+
+def _choose(monkeypatch, overrides, device_type="cuda"):
+    from types import SimpleNamespace
+
+    from hydra import compose, initialize_config_dir
+
+    from launch.config import register_configs
+    from launch.planning import choose, request_plan
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    register_configs()
+    with initialize_config_dir(config_dir=str(ENTRY.parent / "conf"), version_base=None):
+        cfg = compose(config_name="config", overrides=overrides)
+    video = SimpleNamespace(time_length=12, width=672, height=384)  # the published geometry
+    return choose(cfg, request_plan(cfg), video, SimpleNamespace(type=device_type))
+
+
+def test_choose_offloads_the_dit_only_when_the_gpu_needs_it_and_never_quantizes(monkeypatch, caplog):
+    from parallel.plan import Plan
+
+    with caplog.at_level("INFO", logger="k4flash"):
+        assert _choose(monkeypatch, ["parallel.gpu_memory_gb=24"]) == (Plan(), "after_encode", "during_decode")
+    assert "text_encoder.offload=auto, dit.offload=auto on 1 GPU(s), 24 GB each: tp=1, " \
+           "text_encoder.offload=after_encode, dit.offload=during_decode (predicted 6.63 s per video" in caplog.text
+    assert _choose(monkeypatch, ["parallel.gpu_memory_gb=80"]) == (Plan(), "none", "none")
+    assert _choose(monkeypatch, ["parallel.gpu_memory_gb=24", "dit.quantize=fp8"]) == (Plan(), "after_encode", "none")
+    assert _choose(monkeypatch, ["parallel.gpu_memory_gb=24", "prompts_file=p.jsonl"])[2] == "during_decode"
+    assert _choose(monkeypatch, ["parallel.gpu_memory_gb=24"], "cpu") == (Plan(), "none", "none")  # no planner
+    assert _choose(monkeypatch, ["dit.offload=during_decode", "text_encoder.offload=none"]) \
+        == (Plan(), "none", "during_decode")  # given: kept
+    from launch.checks import UsageError
+    with pytest.raises(UsageError, match=r"with dit.quantize=fp8 it would fit in 14\.0 GB"):
+        _choose(monkeypatch, ["parallel.plan=auto", "parallel.gpu_memory_gb=15"])
+
+
+def test_fp8_matmuls_run_at_the_fp8_rate_and_their_flops_are_the_blocks_linears():
+    from k4flash.published import PUBLISHED_DIT_PARAMS
+    from parallel.plan import Plan
+    from parallel.planner import predict_plan
+    from parallel.rank_work import rank_work
+
+    flops = cost.dit_flops(PUBLISHED_DIT_PARAMS)
+    blocks = flops["qkv"] + flops["attention_out"] + flops["mlp"]  # the four quantized linears of every block
+    gpu, mfu = cost.H100_SXM, 0.5
+    for fp8_skip, kept in (((), 0), ((0, -1), 2)):
+        fp8 = predict_plan(PUBLISHED_DIT_PARAMS, Plan(), gpu, mfu, quantize="fp8", fp8_skip=fp8_skip)
+        assert fp8["rank_fp8_flops"] == pytest.approx(blocks * (42 - kept) / 42, rel=1e-9)
+        assert fp8["dit_step_compute_s"] == pytest.approx(
+            (fp8["rank_flops"] - fp8["rank_fp8_flops"]) / (gpu.peak_bf16_flops * mfu)
+            + fp8["rank_fp8_flops"] / (gpu.peak_fp8_flops * mfu))
+    bf16 = predict_plan(PUBLISHED_DIT_PARAMS, Plan(), gpu, mfu)
+    assert bf16["rank_fp8_flops"] == 0 and fp8["rank_flops"] == bf16["rank_flops"]
+    # eager: the input quantization's passes (k4flash/fp8.py quantize_rows: |max| per token, a float32 copy
+    # divided and clamped in place, the e4m3 write; ~30 bytes per input element at their own sizes, ~20 if all
+    # were counted at bf16's 2) and the bias add are memory-bound traffic the bf16 forward does not have
+    inputs = rank_work(PUBLISHED_DIT_PARAMS, Plan(), quantize="fp8", fp8_skip=(0, -1))["fp8_input_elements"]
+    S, D, F = 25_424, PUBLISHED_DIT_PARAMS["model_dim"], PUBLISHED_DIT_PARAMS["ff_dim"]
+    assert inputs == 40 * S * (3 * D + F)  # QKV, attention out and MLP in take D features, MLP out F
+    assert fp8["rank_memory_bound_bytes"] - bf16["rank_memory_bound_bytes"] > 30 * inputs
+    with pytest.raises(ValueError, match="no FP8 tensor cores"):
+        cost.predict(gpu=cost.GPU("A100", 312e12, 2e12, 300e9, 1e-5), rank_flops=1e12, rank_fp8_flops=1e11,
+                     vae=cost.PUBLISHED_VAE_DECODE)
