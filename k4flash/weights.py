@@ -382,10 +382,8 @@ def owned_copy(tensor, device, dtype) -> torch.Tensor:
 
 def load_dit(params: dict, checkpoint_path, device="cpu", dtype=torch.float32, *, quantize="none",
              fp8_skip=()) -> DiffusionTransformer3D:
-    """Build the DiT on the meta device (its big linears FP8 with quantize="fp8", but for the fp8_skip blocks),
-    check the checkpoint's keys and shapes, read it tensor by tensor into place on `device` in `dtype` (an FP8
-    weight in e4m3 from an FP8 file, or quantized from a bf16 one), eval. The host never holds more than one
-    tensor beyond the model."""
+    """Build on meta (quantize="fp8": the big linears FP8 but for fp8_skip's blocks), check the file's keys and
+    shapes, read it a tensor at a time onto `device` in `dtype` (FP8 weights as stored, or quantized here), eval."""
     fp8.validate_quantize(quantize, fp8_skip, params["num_blocks"])
     with torch.device("meta"):
         model = DiffusionTransformer3D(**params)
