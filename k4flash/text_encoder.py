@@ -16,10 +16,8 @@ import torch
 from transformers import AutoTokenizer, T5EncoderModel
 
 from .geometry import validate_offload
-from .host_memory import PACK_ALIGN as _PACK_ALIGN, pack_parameters, pinned_host_bytes
+from .host_memory import pack_parameters, pinned_host_bytes
 from .published import TEXT_TOKENS
-
-PACK_ALIGN = _PACK_ALIGN  # its home is k4flash/host_memory.py; tests/test_text_encoder.py reads it here
 
 
 class BlockStreamer:

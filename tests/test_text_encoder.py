@@ -116,7 +116,7 @@ def _storage_ptr(t):
 
 
 def test_pack_parameters_makes_each_parameter_a_view_of_one_buffer(tiny_weights):
-    from k4flash.text_encoder import PACK_ALIGN, pack_parameters
+    from k4flash.host_memory import PACK_ALIGN, pack_parameters
 
     host = T5TextEncoder(tiny_weights / "text_encoder", tiny_weights / "tokenizer", offload="cpu")
     params = list(host.encoder.parameters())
