@@ -28,11 +28,14 @@ class Server:
     def __init__(self, cwd, tiny_cache, world, *overrides, launcher="torch.distributed.run", model="tiny", env=None,
                  host="127.0.0.1"):
         """env: more environment variables for the server (the rest: server_env's); host: its serve.host (a
-        loopback address)."""
+        loopback address); launcher: a module run as `python -m`, or "torchrun.sh" (launch/torchrun.sh)."""
         self.port, self.master_port, self.world, self.host = free_port(), free_port(), world, host
         self.output_dir = Path(cwd) / "served"
         command = [sys.executable, "-m", launcher, "--nproc-per-node", str(world), "--master-port",
                    str(self.master_port), str(ENTRY)] if world > 1 else [sys.executable, str(ENTRY)]
+        if launcher == "torchrun.sh":
+            command = ["bash", str(ENTRY.parent / "launch" / "torchrun.sh")]
+            env = dict(env or {}, NPROC_PER_NODE=str(world))
         self.log = open(Path(cwd) / f"server-{self.port}.log", "w+")
         self.process = subprocess.Popen(
             [*command, f"model={model}", "mode=serve", f"serve.host={host}", f"serve.port={self.port}",
@@ -88,15 +91,16 @@ class Server:
         return self.output_dir / f"{video_id}.record.json"
 
     def ranks(self):
-        """pid of each rank (found by its MASTER_PORT in /proc)."""
+        """pid of each rank (found in /proc by its RANK and its serve.port on the command line)."""
         pids = {}
         for proc in Path("/proc").iterdir():
             try:
                 environ = dict(v.split("=", 1) for v in (proc / "environ").read_bytes().decode().split("\0") if "=" in v)
+                command = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
             except (OSError, ValueError):
                 continue
-            if environ.get("MASTER_PORT") == str(self.master_port) and "RANK" in environ and \
-                    "run_inference_distil" in (proc / "cmdline").read_bytes().decode(errors="replace"):
+            if "RANK" in environ and f"serve.port={self.port}" in command and \
+                    any("run_inference_distil" in word for word in command):
                 pids[int(environ["RANK"])] = int(proc.name)
         return pids
 

@@ -170,8 +170,8 @@ class Kandinsky4T2VPipeline:
         return self.role.share(embed)
 
     @torch.no_grad()
-    def denoise(self, text_embed, shape, seed, progress=True, on_step=None) -> torch.Tensor:
-        """Final latents (F, h, w, 16), float32, for one video; on_step(done, total) after each step."""
+    def denoise(self, text_embed, shape, seed, progress=True, on_stage=None) -> torch.Tensor:
+        """Final latents (F, h, w, 16), float32, for one video; on_stage("denoising", done) after each step."""
         device = self.device_map["dit"]
 
         def velocity(latent, timestep):
@@ -180,12 +180,11 @@ class Kandinsky4T2VPipeline:
                 return self.dit(latent[None].to(self.dtype), text_embed, t)[0]
 
         bar = tqdm(total=len(self.schedule.timesteps), desc="denoise", disable=not (progress and self.role.is_main))
-        total = len(self.schedule.timesteps)
 
-        def step_done(*_):
+        def step_done(i, *_):
             bar.update(1)
-            if on_step is not None:
-                on_step(bar.n, total)
+            if on_stage is not None:
+                on_stage("denoising", i + 1)
         latents = sample(velocity, shape, self.schedule, seed, device=device, noise_dtype=self.noise_dtype,
                          on_step=step_done)
         bar.close()
@@ -193,13 +192,15 @@ class Kandinsky4T2VPipeline:
 
     @torch.no_grad()
     def generate(self, text: str, time_length: int = 12, width: int = 512, height: int = 512, seed: int = None,
-                 progress: bool = True, text_embed: torch.Tensor = None, on_step=None,
+                 progress: bool = True, text_embed: torch.Tensor = None, on_stage=None,
                  last: bool = False) -> Generation:
         """Stages 1-5: validate, encode, prepare latents, denoise, decode. Frames only on the group main.
 
-        text_embed: the prompt's embedding from encode_prompts (on the process that encodes), which skips
-        the encoder. on_step(done, total): after each denoising step (a server's progress). last=True: none
-        follows, so dit_offload=during_decode frees the DiT rather than parking it (the same on every rank)."""
+        text_embed: encode_prompts' embedding (on the process that encodes): skips the encoder. on_stage(stage,
+        steps done), on every process alike: ("encoding", 0), ("denoising", 0..4), ("decoding", 4); what it raises
+        ends the generation there (a server's progress, cancel). last=True: none follows, so
+        dit_offload=during_decode frees the DiT rather than parking it (the same on every rank)."""
+        on_stage = on_stage or (lambda stage, step: None)
         # 1. Validate the request before any work.
         validate_request(text, time_length, height, width, self.resolution)
         if seed is None:
@@ -208,6 +209,7 @@ class Kandinsky4T2VPipeline:
         clock = time.perf_counter()
 
         # 2. Encode the prompt (text_tokens: 224 published, no attention mask).
+        on_stage("encoding", 0)
         text_embed = self.encode_text(text, text_embed)
         synchronize(self.device_map["dit"])
         timings["text_encode_s"] = time.perf_counter() - clock
@@ -220,8 +222,9 @@ class Kandinsky4T2VPipeline:
             clock = time.perf_counter()
             self.dit_parking.unpark()
             timings["dit_restore_s"] = time.perf_counter() - clock
+        on_stage("denoising", 0)
         clock = time.perf_counter()
-        latents = self.denoise(text_embed, shape, seed, progress=progress, on_step=on_step)
+        latents = self.denoise(text_embed, shape, seed, progress=progress, on_stage=on_stage)
         synchronize(self.device_map["dit"])
         timings["denoise_s"] = time.perf_counter() - clock
         if self.dit_offload == "during_decode":  # the decode gets the DiT's memory; on every rank with a shard
@@ -229,6 +232,7 @@ class Kandinsky4T2VPipeline:
             self._offload_dit(free=last)
             timings["dit_free_s" if last else "dit_offload_s"] = time.perf_counter() - clock
         frames = None
+        on_stage("decoding", len(self.schedule.timesteps))
         if self.decode is not None:
             # 5. Decode with the VAE (2 latent frames per batch, 1 for images).
             clock = time.perf_counter()
@@ -264,10 +268,8 @@ class Kandinsky4T2VPipeline:
 
     def write_outputs(self, generation: Generation, save_path, save_latents=False, overwrite=False,
                       extra_metadata=None) -> Path:
-        """Stage 6 (group main): MP4 (PNG for an image), optional latents, JSON sidecar; each file atomic.
-
-        Returns the path of the video (or image) written.
-        """
+        """Stage 6 (group main): MP4 (PNG for an image), optional latents, JSON sidecar, each atomic; returns the
+        path of the video (or image) written."""
         clock = time.perf_counter()
         save_path = media_path(save_path, generation.request["time_length"])
         frames = generation.frames
@@ -372,7 +374,6 @@ def load_pipeline(device_map, resolution: int = 512, cache_dir="./weights/", dit
     paths = role.fetch_weights(functools.partial(resolve_weight_paths, cache_dir, dit_path, text_encoder_path,
                                                  tokenizer_path, vae_path, scheduler_path), download)
     dtype = resolve_dtype(dtype, device_map["dit"])
-
     validate_offload(text_encoder_offload)
     schedule = load_schedule(paths.scheduler)
 

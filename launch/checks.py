@@ -88,6 +88,20 @@ def check_serve(cfg) -> None:
         raise UsageError(f"mode=serve: {mp4_encoder_problem()}")
     if env_world()[0] == 0:  # rank 0 listens
         check_listen(s.host, s.port)
+        check_exposure(s.host, s.api_key or os.environ.get("K4FLASH_API_KEY"), s.allow_unauthenticated)
+
+
+def check_exposure(host: str, api_key, allow_unauthenticated: bool) -> None:
+    """A server other machines can reach needs a key, unless that is asked for in so many words."""
+    import ipaddress
+    import socket
+
+    if api_key or allow_unauthenticated:
+        return
+    addresses = {info[4][0] for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)}
+    if not all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses):
+        raise UsageError(f"serve.host={host} is reachable from other machines and no API key is set: set "
+                         "serve.api_key (or $K4FLASH_API_KEY), or serve.allow_unauthenticated=true to serve it open")
 
 
 def check_listen(host: str, port: int) -> None:

@@ -110,8 +110,10 @@ class ServeConfig:
     queue_size: int = key("mode=serve: videos waiting at most; more get 429 with Retry-After", 16)
     output_dir: str = key("mode=serve: where videos and their records are written (kept across restarts)",
                           "./served")
-    api_key: Optional[str] = key("mode=serve: when set (or $K4FLASH_API_KEY), every route but /health needs "
-                                 "Authorization: Bearer <key>", None)
+    api_key: Optional[str] = key("mode=serve: when set (or $K4FLASH_API_KEY), every route but / (the page) and "
+                                 "/health needs Authorization: Bearer <key>", None)
+    allow_unauthenticated: bool = key("mode=serve: listen on an address other machines reach without an API key "
+                                      "(refused unless true)", False)
     max_body_bytes: int = key("mode=serve: a request body larger than this gets 413", 65536)
     drain_timeout_s: float = key("mode=serve: after SIGTERM, how long the videos in progress may take to finish",
                                  120.0)

@@ -2,16 +2,16 @@
 
     torchrun --nproc-per-node 8 run_inference_distil.py mode=serve serve.port=8000
 
-Rank 0 runs the HTTP server (FastAPI on uvicorn, in a thread of its own, so generation never blocks
-it) and the scheduler's thread (launch/scheduler.py). Each model group (ulysses × tp ranks) takes
+Rank 0 runs the HTTP server (launch/api.py: FastAPI on uvicorn, in a thread of its own, so generation
+never blocks it) and the scheduler's thread (launch/scheduler.py). Each model group (ulysses × tp ranks) takes
 one video at a time; data-parallel groups work in parallel. Work, progress and results travel
 through the launcher's store, outside any collective. Records and outputs live in
 `serve.output_dir` (launch/videos.py), which every group's first rank must be able to write.
 
+A cancel stops a video at a step boundary that the group's ranks agree on (Runtime.any_in_group).
 SIGTERM or Ctrl-C: new work gets 503, the videos in progress finish (within serve.drain_timeout_s)
 and are written, queued ones are marked failed, and every rank exits 0.
 """
-import json
 import logging
 import os
 import signal
@@ -20,111 +20,18 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+from omegaconf import OmegaConf
+
+from .api import make_app
 from .checks import UsageError, check_serve, check_weights
 from .config import shown_config
 from .lifecycle import on_the_mesh
 from .planning import choose, request_plan
+from .progress import StageTimes, cost_model_predictor, stage_seconds
 from .scheduler import Channel, Scheduler
-from .videos import RequestError, VideoRecords, new_record, parse_request, public
+from .videos import VideoRecords
 
 log = logging.getLogger("k4flash")
-
-
-def make_app(scheduler: Scheduler, info: dict, api_key, max_body_bytes: int, defaults: dict, alive):
-    """The FastAPI app: /v1/videos (create, list, retrieve, content, delete), /v1/models, /health."""
-    from fastapi import FastAPI, Request
-    from fastapi.responses import FileResponse, JSONResponse
-
-    app = FastAPI(title="k4flash", docs_url=None, redoc_url=None, openapi_url=None)
-    records = scheduler.records
-
-    def error(status, message, code, headers=None):
-        return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "code": code}},
-                            status_code=status, headers=headers)
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if api_key and request.url.path != "/health":
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
-                return error(401, "missing or wrong API key (Authorization: Bearer <key>)", "invalid_api_key")
-        if request.method == "POST":
-            length = request.headers.get("content-length")
-            if length is not None and int(length) > max_body_bytes:
-                return error(413, f"request body of {length} bytes is over serve.max_body_bytes={max_body_bytes}",
-                             "request_too_large")
-        return await call_next(request)
-
-    def find(video_id):
-        record = records.records.get(video_id)
-        return None if record is None else scheduler.progress(record)
-
-    @app.post("/v1/videos")
-    async def create(request: Request):
-        if scheduler.draining.is_set():
-            return error(503, "the server is stopping; submit again later", "server_stopping")
-        raw = await request.body()
-        if len(raw) > max_body_bytes:
-            return error(413, f"request body of {len(raw)} bytes is over serve.max_body_bytes={max_body_bytes}",
-                         "request_too_large")
-        content_type = request.headers.get("content-type", "")
-        try:
-            if content_type.startswith("multipart/form-data") or content_type.startswith(
-                    "application/x-www-form-urlencoded"):
-                form = await request.form()
-                body = {k: v for k, v in form.items() if isinstance(v, str)}
-                if len(body) != len(form):
-                    raise RequestError("file fields are not accepted (input_reference is not supported)")
-            else:
-                body = json.loads(raw or b"{}")
-                if not isinstance(body, dict):
-                    raise RequestError("the body must be a JSON object")
-            record = new_record(parse_request(body, defaults, info["id"]), info["id"])
-        except (RequestError, ValueError) as err:
-            return error(400, str(err).splitlines()[0], "invalid_request")
-        if not scheduler.submit(record):
-            return error(429, f"the queue is full ({scheduler.queue_size} videos); retry later", "queue_full",
-                         headers={"Retry-After": "5"})
-        return public(record)
-
-    @app.get("/v1/videos")
-    async def list_videos():
-        data = sorted((public(find(v)) for v in list(records.records)), key=lambda r: r["created_at"], reverse=True)
-        return {"object": "list", "data": data, "has_more": False}
-
-    @app.get("/v1/videos/{video_id}")
-    async def retrieve(video_id: str):
-        record = find(video_id)
-        return error(404, f"no video {video_id!r}", "not_found") if record is None else public(record)
-
-    @app.get("/v1/videos/{video_id}/content")
-    async def content(video_id: str):
-        record = find(video_id)
-        if record is None:
-            return error(404, f"no video {video_id!r}", "not_found")
-        if record["status"] != "completed":
-            return error(409, f"video {video_id} is {record['status']}, not completed", "not_ready")
-        image = record["request"]["time_length"] == 0
-        return FileResponse(records.path(video_id, ".png" if image else ".mp4"),
-                            media_type="image/png" if image else "video/mp4")
-
-    @app.delete("/v1/videos/{video_id}")
-    async def delete(video_id: str):
-        if video_id not in records.records:
-            return error(404, f"no video {video_id!r}", "not_found")
-        if not scheduler.cancel(video_id):
-            return error(409, f"video {video_id} is being generated; delete it once it is done", "in_progress")
-        return {"id": video_id, "object": "video.deleted", "deleted": True}
-
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [info]}
-
-    @app.get("/health")
-    async def health():
-        ok = alive() and not scheduler.draining.is_set()
-        return JSONResponse({"status": "ok" if ok else "unavailable"}, status_code=200 if ok else 503)
-
-    return app
 
 
 def _serve_http(app, host: str, port: int):
@@ -143,8 +50,13 @@ def _serve_http(app, host: str, port: int):
     return server, thread
 
 
+class Cancelled(Exception):
+    """POST /v1/videos/{id}/cancel, agreed by every rank of the group at the same step boundary."""
+
+
 def work(pipe, runtime, channel: Channel, output_dir: Path, save_latents: bool, metadata: dict, health=None):
-    """Every rank: take this group's jobs from the store until told to stop; the group's first rank writes."""
+    """Every rank: take this group's jobs from the store until told to stop; the group's first rank reports
+    each stage and writes."""
     group, n = runtime.dp_rank, 0
     while True:
         job = channel.wait_job(group, n)
@@ -155,28 +67,68 @@ def work(pipe, runtime, channel: Channel, output_dir: Path, save_latents: bool, 
         if health is not None:
             health.mark(f"video {video_id}")
         main = pipe.is_group_main
+        stages = []
 
-        def on_step(done, total):
+        def report(stage, step):
+            stages.append([stage, step])
+            channel.set_stages(video_id, {"stages": stages, "group": group, **gpu_memory(runtime.device)})
+
+        def on_stage(stage, step):
             if main:
-                channel.set_progress(video_id, int(90 * done / total))
+                report(stage, step)
+            # Only the group's first rank reads the store; all take its answer, so all stop at this boundary
+            # (one rank stopping alone would leave the others in a collective that never completes).
+            if runtime.any_in_group(main and channel.cancel_requested(video_id)):
+                raise Cancelled(stage, step)
         try:
             generation = pipe.generate(job["prompt"], job["time_length"], job["width"], job["height"], job["seed"],
-                                       progress=False, on_step=on_step)
+                                       progress=False, on_stage=on_stage)
+        except Cancelled as stop:  # nothing was written; the group takes the next video
+            if main:
+                channel.send_result(video_id, dict(status="cancelled", completed_at=int(time.time()),
+                                                   stage=stop.args[0], step=stop.args[1]))
+            continue
         except (FloatingPointError, ValueError) as err:  # the same on every rank of the group: it goes on
             runtime.barrier_group()
             if main:
-                channel.send_result(video_id, dict(status="failed", progress=0, error={
+                channel.send_result(video_id, dict(status="failed", error={
                     "code": "generation_failed", "message": f"{type(err).__name__}: {err}".splitlines()[0]}))
             continue
         if main:
+            report("writing", len(pipe.schedule.timesteps))
+            clock = time.perf_counter()
             try:
                 written = pipe.write_outputs(generation, output_dir / f"{video_id}.mp4", save_latents=save_latents,
                                              overwrite=True, extra_metadata=metadata)
-                channel.send_result(video_id, dict(status="completed", progress=100, completed_at=int(time.time()),
-                                                   file=str(written), rank=runtime.rank))
+                channel.send_result(video_id, dict(
+                    status="completed", completed_at=int(time.time()), file=str(written), rank=runtime.rank,
+                    stage_seconds=stage_seconds(generation.timings, time.perf_counter() - clock)))
             except (OSError, ValueError) as err:
                 channel.send_result(video_id, dict(status="failed", error={"code": "write_failed",
                                                                            "message": str(err).splitlines()[0]}))
+
+
+def gpu_spec(device):
+    """The cost model's GPU for this device when it has one that fits (an H100 or H200), else None: then its
+    figures give the stages' proportions only (launch/progress.py)."""
+    import torch
+
+    if getattr(device, "type", None) != "cuda":
+        return None
+    from parallel.cost import H100_SXM
+
+    name = torch.cuda.get_device_name(device)
+    return H100_SXM if "H100" in name or "H200" in name else None
+
+
+def gpu_memory(device) -> dict:
+    """{"gpu_memory": {in_use, peak}} in bytes on a CUDA device, for /metrics; {} elsewhere."""
+    import torch
+
+    if getattr(device, "type", None) != "cuda":
+        return {}
+    return {"gpu_memory": {"in_use": torch.cuda.memory_allocated(device),
+                           "peak": torch.cuda.max_memory_allocated(device)}}
 
 
 def serve(cfg, runtime, pipe, health, channel: Channel, model_info: dict) -> None:
@@ -191,12 +143,18 @@ def serve(cfg, runtime, pipe, health, channel: Channel, model_info: dict) -> Non
     signal.signal(signal.SIGTERM, drain)
     signal.signal(signal.SIGINT, drain)
     if runtime.is_main:
+        from .metrics import Metrics
+
         records = VideoRecords(output_dir)
-        scheduler = Scheduler(records, channel, runtime.dp_size, cfg.serve.queue_size)
+        predict = cost_model_predictor(OmegaConf.to_container(cfg.model.dit_params), runtime.tp_size,
+                                       runtime.ulysses_size, runtime.sequence_parallel, gpu_spec(runtime.device))
+        stage_times = StageTimes(predict, absolute=gpu_spec(runtime.device) is not None)
+        metrics = Metrics(lambda: len(scheduler.queue), lambda: len(scheduler.busy))
+        scheduler = Scheduler(records, channel, runtime.dp_size, cfg.serve.queue_size, stage_times, metrics)
         api_key = cfg.serve.api_key or os.environ.get("K4FLASH_API_KEY")
         defaults = {"time_length": cfg.time_length, "width": cfg.width, "height": cfg.height}
         alive = (lambda: health.alive()) if health is not None else (lambda: True)
-        app = make_app(scheduler, model_info, api_key, cfg.serve.max_body_bytes, defaults, alive)
+        app = make_app(scheduler, model_info, api_key, cfg.serve.max_body_bytes, defaults, alive, metrics)
         http = _serve_http(app, cfg.serve.host, cfg.serve.port)
         threading.Thread(target=scheduler.run, args=(cfg.serve.drain_timeout_s,), name="k4flash-scheduler",
                          daemon=True).start()

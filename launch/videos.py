@@ -12,7 +12,7 @@ from k4flash.outputs import write_json_atomic
 
 # What POST /v1/videos accepts. `model` and `input_reference` are what the openai client may send.
 REQUEST_FIELDS = ("prompt", "seconds", "size", "time_length", "width", "height", "seed", "model")
-STATUSES = ("queued", "in_progress", "completed", "failed")
+STATUSES = ("queued", "in_progress", "completed", "failed", "cancelled")
 PRIVATE_FIELDS = ("request", "file", "rank")  # in the record on disk, not in the object a client sees
 STOPPED_REASON = "the server stopped before this video finished; submit it again"
 

@@ -101,6 +101,15 @@ class Runtime:
         if self.group_size > 1:
             dist.barrier(group=self.group_mesh.get_group())
 
+    def any_in_group(self, flag: bool) -> bool:
+        """True on every rank of this model group if any rank passed True: one agreement, so that all stop at
+        the same step (a server's cancel). On NCCL a one-element all-reduce and a sync with the host."""
+        if self.group_size == 1:
+            return bool(flag)
+        vote = torch.tensor([int(flag)], device=self.device)
+        dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=self.group_mesh.get_group())
+        return bool(vote.item())
+
     def peers(self) -> list:
         """The ranks whose health this rank watches (parallel/health.py): all of them from rank 0, else the
         ranks it shares collectives with (its model group) and rank 0."""

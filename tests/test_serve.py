@@ -240,3 +240,70 @@ def test_the_environment_key_is_required_and_never_shown_on_another_host(tmp_pat
         assert server.stop() == 0
     assert secret not in Path(server.log.name).read_text()  # the whole log (the server has closed it)
     assert not [p for p in server.output_dir.iterdir() if secret.encode() in p.read_bytes()]
+
+
+def _events(server, video_id, on_event=None):
+    """The video's Server-Sent Events until it ends; on_event(view) sees each as it comes."""
+    import urllib.request
+
+    request = urllib.request.Request(f"http://{server.host}:{server.port}/v1/videos/{video_id}/events",
+                                     headers={"Authorization": f"Bearer {KEY}"})
+    views = []
+    with urllib.request.urlopen(request, timeout=300) as response:
+        for line in response:
+            if line.startswith(b"data:"):
+                views.append(json.loads(line[5:]))
+                if on_event is not None:
+                    on_event(views[-1])
+    return views
+
+
+def test_events_cancel_and_metrics_under_torchrun_sh_tp2(tmp_path, tiny_cache, cli_latents_seed_3):
+    """launch/torchrun.sh, 2 ranks, tp 2: a video's events show every stage and the 4 steps in order with a
+    monotone progress; one cancelled mid-denoise stops on both ranks at the same step boundary (else the job
+    would hang in a collective) with no file; a queued one leaves the queue; the next video has the CLI's
+    latents; /metrics counts exactly these videos."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    server = Server(tmp_path, tiny_cache, 2, "parallel.tp=2", f"serve.api_key={KEY}", launcher="torchrun.sh")
+    try:
+        video = dict(prompt="a red square", seconds="1", size="512x512")
+        first = json.loads(server.request("POST", "/v1/videos", dict(video, seed=7))[1])["id"]
+        views = _events(server, first)
+        steps = [(v["stage"], v["step"]) for v in views]
+        assert [s for i, s in enumerate(steps) if i == 0 or s != steps[i - 1]] == [
+            ("queued", 0), ("encoding", 0), *[("denoising", k) for k in range(5)], ("decoding", 4), ("writing", 4)]
+        assert [v["progress"] for v in views] == sorted(v["progress"] for v in views) and views[-1]["progress"] == 100
+        assert views[-1]["status"] == "completed" and views[-1]["eta_s"] == 0
+
+        second = json.loads(server.request("POST", "/v1/videos", dict(video, seed=8))[1])["id"]
+        queued = json.loads(server.request("POST", "/v1/videos", dict(video, seed=9))[1])["id"]
+        etas, asked = [], []
+
+        def cancel_at_the_first_step(view):
+            etas.append(view["eta_s"])
+            if view["stage"] == "denoising" and view["step"] == 1 and not asked:
+                asked.append(True)
+                status, body, _ = server.request("POST", f"/v1/videos/{queued}/cancel")
+                assert status == 200 and json.loads(body)["status"] == "cancelled"  # out of the queue at once
+                assert server.request("POST", f"/v1/videos/{second}/cancel")[0] == 200
+        views = _events(server, second, cancel_at_the_first_step)
+        assert views[-1]["status"] == "cancelled" and views[-1]["stage"] == "denoising" and views[-1]["step"] < 4
+        assert [e for e in etas if e is not None]  # the first video's timings give an ETA
+        assert server.wait(queued, statuses=("cancelled",))["stage"] == "queued"
+        assert not [p for p in server.output_dir.iterdir() if p.name.startswith((second, queued))
+                    and not p.name.endswith(".record.json")]
+
+        third = json.loads(server.request("POST", "/v1/videos", dict(IMAGE, seed=3))[1])["id"]
+        assert _events(server, third)[-1]["status"] == "completed"
+        served = load_file(str(server.output_dir / f"{third}.latents.safetensors"))["latents"]
+        assert_parity(served, cli_latents_seed_3, atol=1e-5, rtol=1e-5, what="latents after a cancel")
+
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for family in
+                   text_string_to_metric_families(server.status("/metrics")[1].decode()) for s in family.samples}
+        assert {status: samples[("k4flash_videos_total", (("status", status),))]
+                for status in ("completed", "cancelled", "failed")} == {"completed": 2, "cancelled": 2, "failed": 0}
+        assert samples[("k4flash_stage_seconds_count", (("seconds", "1"), ("size", "512x512"), ("stage", "decoding")))] == 1
+        assert samples[("k4flash_http_requests_total", (("code", "200"), ("method", "POST"), ("route", "/v1/videos")))] == 4
+    finally:
+        assert server.stop() == 0, server.output()
