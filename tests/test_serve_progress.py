@@ -198,3 +198,28 @@ def test_the_key_is_compared_in_constant_time_and_never_shown(served, monkeypatc
     video_id = served.submit(seed=1)
     for path in ("/", "/v1/videos", f"/v1/videos/{video_id}", "/metrics"):
         assert KEY not in served.client.get(path).text
+
+
+def test_a_network_address_without_a_key_is_refused_before_anything_loads(tmp_path, tiny_cache):
+    """serve.host=0.0.0.0 with no key: exit 2, one line, nothing loaded; a loopback name, a key or
+    serve.allow_unauthenticated=true each let it pass the check."""
+    import subprocess
+    import sys
+
+    from bench.server import ENTRY, server_env
+    from launch.checks import UsageError, check_exposure
+
+    result = subprocess.run([sys.executable, str(ENTRY), "model=tiny", "mode=serve", "serve.host=0.0.0.0",
+                             f"serve.output_dir={tmp_path / 'served'}"], cwd=tmp_path, env=server_env(tiny_cache),
+                            capture_output=True, text=True, timeout=120)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr[-2000:]
+    assert "serve.host=0.0.0.0 is reachable from other machines and no API key is set" in errors[0]
+    assert "serve.allow_unauthenticated=true" in errors[0] and "Traceback" not in result.stderr
+    assert not (tmp_path / "served").exists() or not list((tmp_path / "served").iterdir())
+    for host in ("127.0.0.1", "localhost", "::1"):
+        check_exposure(host, None, False)
+    check_exposure("0.0.0.0", "a-key", False)
+    check_exposure("0.0.0.0", None, True)
+    with pytest.raises(UsageError):
+        check_exposure("0.0.0.0", None, False)
