@@ -151,7 +151,8 @@ class Scheduler:
         """The video's views from the index-th change on ([its current view] if none are kept)."""
         with self.lock:
             if video_id not in self.events:
-                return [] if index else [self.view(video_id)]
+                view = self.view(video_id)
+                return [] if index or view is None else [view]
             return self.events[video_id][index:]
 
     # --- progress --------------------------------------------------------------------------------------------------

@@ -130,6 +130,11 @@ def test_cancel_takes_a_queued_video_out_and_asks_a_running_one_to_stop(served):
     cancelled = served.client.post(f"/v1/videos/{queued_id}/cancel").json()
     assert cancelled["status"] == "cancelled" and cancelled["queue_position"] is None
     assert served.client.post(f"/v1/videos/{queued_id}/cancel").status_code == 409  # already ended
+    import openai  # its retrieve still reads the object, a status it does not list included
+
+    client = openai.OpenAI(base_url="http://testserver/v1", api_key=KEY, http_client=served.client, max_retries=0)
+    video = client.videos.retrieve(queued_id)
+    assert (video.status, video.stage, video.queue_position) == ("cancelled", "queued", None)
     assert served.client.post("/v1/videos/video_nope/cancel").status_code == 404
     assert not served.channel.cancel_requested(running_id)
     response = served.client.post(f"/v1/videos/{running_id}/cancel")
