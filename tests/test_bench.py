@@ -296,12 +296,31 @@ def test_memory_command_fp8_smoke_is_within_the_model(tmp_path):
 
 
 @pytest.mark.slow
-def test_serve_command_loses_nothing(tmp_path):
+def test_serve_command_sweeps_with_cancels_and_loses_nothing(tmp_path):
+    """A sweep over two levels on one server, every 2nd submission cancelled: each round accounts for every
+    request, some are cancelled and some complete, and no cancelled video left its output file."""
     from bench.serve import main
-    data, _ = _run(main, ["--requests", "4", "--concurrency", "2"], tmp_path, "serve")
-    (row,) = _rows(data)
-    assert row["completed"] == 4 and row["lost"] == 0 and row["every_request_ended"]
-    assert row["p50_s"] > 0 and row["first_byte_ms"] > 0 and row["server_exit"] == 0
+    workdir = tmp_path / "work"
+    data, markdown = _run(main, ["--sweep", "1,2", "--requests", "4", "--cancel-every", "2",
+                                 "--workdir", str(workdir)], tmp_path, "serve")
+    rows = _rows(data)
+    assert [(r["ranks"], r["dp"], r["concurrency"], r["requests"]) for r in rows] == [(1, 1, 1, 4), (1, 1, 2, 4)]
+    for row in rows:
+        assert row["lost"] == 0 and row["lost_why"] == [] and row["every_request_ended"], row
+        assert row["cancel_asked"] == 2 and row["cancel_refused"] == [] and row["failed"] == 0, row
+        assert row["completed"] + row["cancelled"] == 4 and row["completed"] >= 2, row  # the uncancelled complete
+        assert row["cancelled"] == row["cancelled_queued"] + row["cancelled_in_progress"], row
+        assert row["p50_s"] > 0 and row["first_byte_ms"] > 0 and row["server_exit"] == 0
+    assert sum(r["cancelled"] for r in rows) >= 1 and all(r["cancel_ms"] >= 0 for r in rows if r["cancelled"])
+    assert sum(r["cancelled_in_progress"] for r in rows) >= 1  # the 2nd cancel of a round waits until it runs
+    cancelled = [v for r in rows for v in r["cancelled_ids"]]
+    served = workdir / "ranks1" / "served"
+    assert all((served / f"{v}.record.json").exists() for v in cancelled)  # the ids are the server's
+    on_disk = [json.loads(p.read_text())["status"] for p in served.glob("*.record.json")]  # the server's own tally
+    assert sorted(on_disk) == sorted(["completed"] * sum(r["completed"] for r in rows) +
+                                     ["cancelled"] * sum(r["cancelled"] for r in rows))
+    assert not [p.name for v in cancelled for p in served.glob(f"{v}.*") if p.suffix in (".mp4", ".png")]
+    assert "| 1 | 1 | 2 | 4 |" in markdown
 
 
 # ---------------------------------------------------------------------------- bench/ stands on its own
