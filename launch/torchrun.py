@@ -29,7 +29,8 @@ def job_status(exit_codes: dict) -> tuple:
       exited first), the lowest such rank's status is the job's.
     - A rank that exited otherwise (a crash, a signal other than the launcher's SIGTERM) makes it 3, with
       one line naming the rank.
-    - On a node without rank 0 that saw no crash, 0: rank 0's node reports the job.
+    - On a node without rank 0 that saw no crash: the failure its ranks exited with (3 when node 0 was lost and
+      this node's first rank printed the line), else 0: rank 0's node reports the job.
     """
     stopped = (-signal.SIGTERM, -signal.SIGINT, ExitStatus.INTERRUPTED, ExitStatus.TERMINATED)
     if exit_codes.get(0) in DOCUMENTED:
@@ -46,7 +47,7 @@ def job_status(exit_codes: dict) -> tuple:
             how = f"was killed by signal {-code}"
         return ExitStatus.DISTRIBUTED, f"rank {rank} {how}"
     if 0 not in exit_codes:
-        return 0, None
+        return (causes[0][1] if causes else 0), None
     if causes:
         return causes[0][1], None
     code = exit_codes[0]  # stopped by a signal: report it as the ranks do
@@ -65,12 +66,18 @@ def main(argv=None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
+    from parallel.layout import LaunchConflict, node_claim
+
     # torchrun sets this for its workers with a banner on every launch; the same value, without the banner.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     args = parse_args(sys.argv[1:] if argv is None else argv)
     _quiet_agent_logs()
     try:
-        run(args)
+        with node_claim(args):  # two launchers started as node 0: an `error:` line each, not a 600 s wait
+            run(args)
+    except LaunchConflict as err:
+        print(f"error: {err}", file=sys.stderr)
+        return ExitStatus.BAD_INPUT
     except ChildFailedError as err:
         status, message = job_status({rank: failure.exitcode for rank, failure in err.failures.items()})
         if message:

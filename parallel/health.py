@@ -30,6 +30,7 @@ import logging
 import os
 import select
 import signal
+import socket
 import sys
 import threading
 import time
@@ -44,6 +45,9 @@ from .verdicts import DEAD_AFTER_S, SYMPTOMS, PeerWatch, Records
 log = logging.getLogger("k4flash")
 HEARTBEAT_INTERVAL_S = 1.0
 STOP_TIMEOUT_S = 0.5  # the most RankHealth.stop() waits for the heartbeat thread: far less than a store timeout
+# No answer from the store for this long: its host is gone (two store timeouts, so one slow call on a loaded machine
+# is not taken for a lost node).
+STORE_LOST_AFTER_S = 2 * STORE_TIMEOUT_S
 GRACE_S = 3.0  # after SIGTERM / SIGINT, how long the main thread has to unwind before the thread exits for it
 
 
@@ -79,6 +83,9 @@ class RankHealth:
         self._stop = threading.Event()
         self._claim = threading.Lock()
         self._claimed = False
+        self._store_lost = threading.Event()  # the main thread found the store gone (claim)
+        # The torchrun agent that started this rank (None outside torchrun): watched, as its death orphans the rank.
+        self._launcher_pid = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
         self._store = None  # the main thread's client
         self._records = Records(None)  # its health records
         self._thread = None
@@ -94,6 +101,9 @@ class RankHealth:
         except Exception as err:  # no reachable store: run without diagnostics rather than fail
             log.warning("rank %d: no heartbeat store (%s); failures will not name the rank", rank, _first_line(err))
             return health
+        # Which node this rank is on, named when a whole node is lost (torchrun's GROUP_RANK is the node's rank).
+        health._set("node", json.dumps({"node": int(os.environ.get("GROUP_RANK", "0")), "host": socket.gethostname(),
+                                        "pid": os.getpid()}))
         if threading.current_thread() is threading.main_thread():
             read_fd, write_fd = os.pipe()
             os.set_blocking(write_fd, False)
@@ -122,7 +132,22 @@ class RankHealth:
 
     def claim(self) -> bool:
         """Take the failure report for the main thread; False when the heartbeat thread already acts on one
-        (it ends the process itself: the caller should just wait)."""
+        (it ends the process itself: the caller should just wait). Also False on a rank other than 0 whose store
+        no longer answers: node 0, and rank 0 with it, may be gone, so the heartbeat thread ends the process
+        with this node's own line."""
+        if self.rank != 0 and self._store is not None and not self._store_answers():
+            self._store_lost.set()
+            return False
+        return self._take_claim()
+
+    def _store_answers(self) -> bool:
+        try:
+            self._store.add("probe", 0)
+            return True
+        except Exception:
+            return False
+
+    def _take_claim(self) -> bool:
         with self._claim:
             if self._claimed:
                 return False
@@ -167,7 +192,7 @@ class RankHealth:
         records = self._records
         others = [r for r in range(self.world_size) if r != self.rank]
         before = {r: records.beats(r) for r in others}
-        silent_s = self._await_records(others, before)
+        silent_s, silent = self._await_records(others, before)
         causes, stopped_ranks = [], []
         for r in others:
             where = records.where(r)
@@ -176,10 +201,12 @@ class RankHealth:
                 causes.append(f"rank {r} failed{where}: {error}")
             elif stopped is not None:
                 stopped_ranks.append(f"rank {r} was stopped{where} ({stopped})")
-            elif records.any_of(SYMPTOMS, r):
-                continue  # it saw the same broken collective or acted on a verdict (and may have exited): a symptom
-            elif records.beats(r) in (None, before[r]):
+            elif r in silent:
+                # Silent for the whole wait, as seen by reads that answered. Not judged from a read made now: on a
+                # loaded machine a store call can time out, and an unanswered read is no proof of a death.
                 causes.append(f"rank {r} died or froze{where} (no heartbeat for {silent_s:.1f} s)")
+            elif records.any_of(SYMPTOMS, r) or r in silent.unknown:
+                continue  # it saw the same broken collective or acted on a verdict (and may have exited): a symptom
             else:
                 causes.append(f"rank {r} is hung{where} (alive, but it never joined the collective)")
         # A launcher stopping the survivors of a death is not a cause: name stops only when alone.
@@ -188,18 +215,30 @@ class RankHealth:
             return f"{own}; no other rank reported a cause"
         return "; ".join(causes) + f" ({own})"
 
-    def _await_records(self, others, before: dict) -> float:
+    def _await_records(self, others, before: dict):
         """Wait for the other ranks' own records (an error, a stop, a symptom) or a new heartbeat: at least
         2.5 beats, so that their reports can arrive; at most DEAD_AFTER_S, so that only a rank silent as long as
         the heartbeat thread's own verdict needs is called dead (a late beat on a loaded machine is no death).
-        Returns how long the wait was."""
-        started = time.monotonic()
+        Returns (how long the wait was, Silent: the ranks no answered read ever showed alive or reporting; its
+        `unknown`: those of them whose reads went unanswered at the end, which are named as nothing)."""
+        started, alive = time.monotonic(), set()
         while True:
             waited = time.monotonic() - started
-            unsettled = [r for r in others if self._records.beats(r) in (None, before[r])
-                         and not self._records.any_of((*SYMPTOMS, "error", "stopped"), r)]
-            if waited >= DEAD_AFTER_S or (waited >= 2.5 * self.interval_s and not unsettled):
-                return waited
+            silent = Silent()
+            for r in others:
+                if r in alive:
+                    continue
+                beats = self._records.beats(r)
+                if beats is not None and before[r] is not None and beats != before[r]:
+                    alive.add(r)  # it beat: alive, however late its next beat comes
+                elif self._records.any_of((*SYMPTOMS, "error", "stopped"), r):
+                    alive.add(r)  # it reported: its record, not its heartbeat, says what it is
+                elif beats is None or before[r] is None:
+                    silent.unknown.add(r)
+                else:
+                    silent.add(r)
+            if waited >= DEAD_AFTER_S or (waited >= 2.5 * self.interval_s and not silent and not silent.unknown):
+                return waited, silent
             time.sleep(0.25 * self.interval_s)
 
     # -- the heartbeat thread -------------------------------------------------------------------------------
@@ -210,11 +249,19 @@ class RankHealth:
         except Exception:  # the store went away (its host died): nothing left to report to
             return
         records = Records(store)
-        signal_seen = None
+        signal_seen, answered = None, time.monotonic()
         while not self._stop.is_set():
             with contextlib.suppress(Exception):
                 store.add(f"beat/{self.rank}", 1)
                 store.set(f"entered/{self.rank}", json.dumps(_progress()))
+                answered = time.monotonic()
+            if time.monotonic() - answered > STORE_LOST_AFTER_S or self._store_lost.is_set():
+                self._exit(store_lost_message(), ExitStatus.DISTRIBUTED, speaker="node")
+            if self._launcher_pid is not None and os.getppid() != self._launcher_pid:
+                # torchrun starts each rank in a session of its own: a SIGKILLed agent leaves its ranks running,
+                # orphans holding GPUs; a rank whose launcher is gone stops instead.
+                self._exit(f"this node's launcher (pid {self._launcher_pid}) is gone: killed, or its node lost; "
+                           f"rank {self.rank} stops", ExitStatus.DISTRIBUTED, speaker="node")
             signum = self._wait_for_signal()
             if signum is not None and signal_seen is None:
                 signal_seen = (signum, time.monotonic(), self.watch.beats())
@@ -290,15 +337,16 @@ class RankHealth:
         (a server's /health)."""
         return not (self.failed.is_set() or self.watch.quiet)
 
-    def _exit(self, message: str, status: int, store=None, prefix: str = "distributed run failed: "):
+    def _exit(self, message: str, status: int, store=None, prefix: str = "distributed run failed: ", speaker="job"):
         """End the process on a verdict (or a signal): `store` given, this rank records that it left on the verdict,
-        so that rank 0 does not take its silence for a death of its own."""
+        so that rank 0 does not take its silence for a death of its own. speaker: who prints the line, rank 0
+        ("job"), or each node's first rank ("node": when the store is lost, rank 0 may be what was lost)."""
         self.failed.set()
-        if not self.claim():
+        if not self._take_claim():
             return  # the main thread is reporting this failure itself
         if store is not None:
             Records(store).set("exited", self.rank, message)
-        if self.rank == 0:
+        if self.rank == 0 or speaker == "node" and os.environ.get("LOCAL_RANK", "0") == "0":
             # One write: print() makes two under PYTHONUNBUFFERED, and another rank's output can land between them.
             sys.stderr.write(f"error: {prefix}{message}\n")
             sys.stderr.flush()
@@ -307,6 +355,21 @@ class RankHealth:
                 self.on_exit()
         _abort_process_group()
         os._exit(status)
+
+
+def store_lost_message() -> str:
+    """What a rank says when the launcher's store stopped answering it: the host that runs it is gone."""
+    where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    return (f"the job's store at {where} (node 0's launcher) stopped answering: node 0 is lost or its launcher "
+            f"died; node {os.environ.get('GROUP_RANK', '?')} stops too")
+
+
+class Silent(set):
+    """Ranks found silent; `unknown`: those whose store reads did not answer."""
+
+    def __init__(self):
+        super().__init__()
+        self.unknown = set()
 
 
 def _progress() -> dict:

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from k4flash.devices import resolve_device
 
 from . import comm
+from .layout import check_layout
 from .plan import Plan, env_world
 
 log = logging.getLogger("k4flash")
@@ -175,11 +176,6 @@ def init_runtime(device: str = "auto", timeout_s: float = 600.0, plan: Plan = No
     plan = plan or Plan.for_world(world)
     if plan.world_size != world:
         raise ValueError(f"the plan {plan} is for {plan.world_size} rank(s); this launch has {world}")
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    if plan.tp > local_world and rank == 0:
-        # TP sends 2 collectives per block: across nodes they leave NVLink for the network.
-        log.warning("parallel.tp=%d spans nodes (%d ranks per node); prefer tp <= ranks per node and "
-                    "data parallelism across nodes", plan.tp, local_world)
     device = resolve_device(device, local_rank)
     if world == 1:
         return Runtime(device=device)
@@ -191,6 +187,8 @@ def init_runtime(device: str = "auto", timeout_s: float = 600.0, plan: Plan = No
             os.environ.setdefault(name, value)
     created = not dist.is_initialized()
     if created:
+        # The launchers' layout over the nodes (parallel/layout.py): refused here, before the group forms.
+        check_layout(plan.group_size, timeout_s)
         # The heartbeat thread (parallel/health.py) names a rank that never joins after timeout_s; the
         # group's own timeout is the backstop behind it, so that NCCL's watchdog does not abort first.
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s + BACKSTOP_S),

@@ -40,6 +40,13 @@ class Records:
         stage = self.get("stage", rank)
         return f" during {stage}" if stage else ""
 
+    def node(self, rank: int):
+        """{node, host, pid} as the rank recorded them at its start (parallel/health.py), or None."""
+        value = self.get("node", rank)
+        with contextlib.suppress(ValueError, TypeError):
+            return json.loads(value)
+        return None
+
     def any_of(self, kinds, rank: int) -> bool:
         return any(self.get(kind, rank) is not None for kind in kinds)
 
@@ -73,7 +80,7 @@ class PeerWatch:
         """The first fault among the watched ranks as a one-line verdict, or None. progress: this rank's own
         collectives per group (parallel.comm.PROGRESS, as published)."""
         now = time.monotonic()
-        counts, quiet = {}, False
+        counts, quiet, dead = {}, False, []
         for r, peer in self.peers.items():
             error = records.get("error", r)
             if error is not None:
@@ -87,13 +94,16 @@ class PeerWatch:
             quiet = quiet or (peer.beats is not None and now - peer.beat_seen > QUIET_AFTER_S)
             self.quiet = quiet
             if peer.beats is not None and now - peer.beat_seen > dead_after_s:
-                return f"rank {r} died or froze{records.where(r)} (no heartbeat for {now - peer.beat_seen:.0f} s)"
+                dead.append(r)
+                continue
             entered = records.get("entered", r)
             if entered is not None:
                 counts[r] = json.loads(entered)
                 peer_counts = {name: count for name, (_, count) in counts[r].items()}
                 if peer_counts != peer.counts:
                     peer.counts, peer.behind_since = peer_counts, None  # it moved: any wait starts again
+        if dead:
+            return self.death(records, dead, now)
         counts[self.rank] = progress
         for r, peer in self.peers.items():
             if r not in counts or not behind(r, counts):
@@ -103,6 +113,28 @@ class PeerWatch:
             if now - peer.behind_since > self.timeout_s:
                 return f"rank {r} is hung{records.where(r)} (alive, but it never joined the collective)"
         return None
+
+    def death(self, records: Records, dead: list, now: float) -> str:
+        """The verdict on ranks silent past DEAD_AFTER_S. When every rank of another node is silent (each past
+        QUIET_AFTER_S: a node's ranks stop within a beat of each other), the node is named as lost, with all its
+        ranks; otherwise only the ranks past DEAD_AFTER_S, one by one (a late beat is no death)."""
+        nodes = {r: records.node(r) for r in [*self.peers, self.rank]}
+        silent = {r for r, peer in self.peers.items() if peer.beats is not None and now - peer.beat_seen > QUIET_AFTER_S}
+        lost = sorted({nodes[r]["node"] for r in dead if nodes[r] is not None})
+        lost = [n for n in lost if n != (nodes[self.rank] or {}).get("node")
+                and all(r in silent for r, info in nodes.items() if info is not None and info["node"] == n)]
+        parts = []
+        for n in lost:
+            ranks = sorted(r for r, info in nodes.items() if info is not None and info["node"] == n)
+            wheres = sorted({records.where(r) for r in ranks})
+            parts.append(f"ranks {', '.join(map(str, ranks))} on node {n} ({nodes[ranks[0]]['host']}) died or "
+                         f"froze{wheres[0] if len(wheres) == 1 else ''} (no heartbeat for "
+                         f"{max(now - self.peers[r].beat_seen for r in dead if r in ranks):.0f} s: the node is lost)")
+        for r in dead:
+            if nodes[r] is None or nodes[r]["node"] not in lost:
+                parts.append(f"rank {r} died or froze{records.where(r)} (no heartbeat for "
+                             f"{now - self.peers[r].beat_seen:.0f} s)")
+        return "; ".join(parts)
 
     def silent_since(self, beats_then: dict, records: Records) -> list:
         """The peers that have not beaten twice since `beats_then` (a dying rank's last beat can still be seen

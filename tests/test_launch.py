@@ -108,7 +108,8 @@ def test_torchrun_sh_exits_with_the_documented_status_and_one_line(tmp_path, tin
     ({0: -15, 1: 139}, (3, "rank 1 exited with status 139 (a crash: its output is above)")),
     ({0: 143, 1: -15}, (143, None)),  # the job was stopped
     ({0: -15}, (143, None)),
-    ({4: 3, 5: -15}, (0, None)),  # a node without rank 0: rank 0's node reports the job
+    ({4: 3, 5: -15}, (3, None)),  # a node without rank 0 fails as its ranks did (node 0 may be the one lost)
+    ({4: -15, 5: -15}, (0, None)),  # stopped by its launcher: rank 0's node reports the job
     ({4: -6}, (3, "rank 4 was killed by SIGABRT")),
 ])
 def test_job_status_prefers_rank_0s_documented_status(codes, expected):
