@@ -224,5 +224,7 @@ def test_a_marked_command_is_checked_as_far_as_a_cpu_can(command, tmp_path, tiny
         assert result.returncode == 2 and len(_errors(result)) == 1, result.stderr[-2000:]
         assert "dit weights not found at weights/kandinsky4_distil_512.pt" in _errors(result)[0]
         return
+    if "prompts_file=prompts.txt" in overrides:
+        (tmp_path / "prompts.txt").write_text("a red square\n")
     request = _check_before_loading(overrides, ranks, tmp_path, monkeypatch)  # [GPU]: 8 ranks' checks pass
     assert request.auto or request.plan.world_size == ranks
