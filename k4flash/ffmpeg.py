@@ -6,7 +6,6 @@ app's checks (launch/checks.py) can refuse an MP4 run before loading anything.
 """
 import importlib.util
 import shutil
-import subprocess
 
 MISSING = ("writing an MP4 needs imageio-ffmpeg or an ffmpeg binary on PATH, and neither is here: "
            "`pip install imageio-ffmpeg` (offline: from a wheelhouse, README \"Offline GPU nodes\") or put ffmpeg "
@@ -33,19 +32,3 @@ def imageio_ffmpeg():
     except ImportError:
         raise MissingEncoder(MISSING) from None
     return module
-
-
-def write_with_path_ffmpeg(path, frames, fps: int, crf: int) -> None:
-    """Encode uint8 frames (T, H, W, 3) with the `ffmpeg` on PATH, with the settings imageio-ffmpeg's writer is
-    given in k4flash/outputs.py (rgb24 in; H.264, yuv420p, the crf; no audio)."""
-    exe = shutil.which("ffmpeg")
-    if exe is None:
-        raise MissingEncoder(MISSING)
-    _, height, width, _ = frames.shape
-    command = [exe, "-y", "-loglevel", "error", "-f", "rawvideo", "-vcodec", "rawvideo", "-s", f"{width}x{height}",
-               "-pix_fmt", "rgb24", "-r", str(fps), "-i", "-", "-an", "-vcodec", "libx264", "-pix_fmt", "yuv420p",
-               "-crf", str(crf), str(path)]
-    result = subprocess.run(command, input=frames.tobytes(), capture_output=True)
-    if result.returncode:
-        last = (result.stderr.decode(errors="replace").strip().splitlines() or ["no message"])[-1]
-        raise RuntimeError(f"{exe} exited {result.returncode} writing {path}: {last}")

@@ -2,14 +2,20 @@
 
 Every writer is atomic: it writes a dot-prefixed temporary file in the target's
 directory and `os.replace`s it onto the target, so a reader (or a crashed run)
-never sees a half-written file, and a failure leaves nothing behind.
+never sees a half-written file, and a failure leaves nothing behind. A filesystem that
+refuses the write (full, over quota, read-only) is one `OutputStorageError` naming the target,
+however the writer reported it (ffmpeg's text, safetensors' Rust error, a plain OSError).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
+import subprocess
+import threading
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
@@ -18,7 +24,31 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .ffmpeg import MissingEncoder, has_imageio_ffmpeg, imageio_ffmpeg, mp4_encoder_problem, write_with_path_ffmpeg
+from .ffmpeg import MISSING, MissingEncoder, has_imageio_ffmpeg, imageio_ffmpeg, mp4_encoder_problem
+
+# A filesystem that refuses every write from now on: full, over quota, read-only. A batch stops on these (README
+# "When things go wrong"): the next prompt would fail the same way.
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+class OutputStorageError(OSError):
+    """The output's filesystem refused the write (errno: one of STORAGE_ERRNOS); filename: the target, never the
+    temporary file. One line: `cannot write <path>: No space left on device`."""
+
+    def __str__(self):
+        return f"cannot write {self.filename}: {self.strerror}"
+
+
+def storage_errno(err: BaseException):
+    """The STORAGE_ERRNOS code an error stands for, or None: an OSError's errno, else the C library's text for it
+    in the message (ffmpeg and safetensors report the OSError as text)."""
+    if isinstance(err, OSError) and err.errno is not None:
+        return err.errno if err.errno in STORAGE_ERRNOS else None
+    return _storage_errno_named(str(err))
+
+
+def _storage_errno_named(text: str):
+    return next((code for code in STORAGE_ERRNOS if os.strerror(code) in text), None)
 
 
 def _umask() -> int:
@@ -46,6 +76,7 @@ def _as_uint8_frames(frames: np.ndarray | torch.Tensor) -> np.ndarray:
 
 
 IN_FLIGHT = set()  # temporary files being written now
+_OUTPUT = threading.local()  # .published: the files one_output() has seen published on this thread, or None
 
 
 def discard_in_flight() -> None:
@@ -60,27 +91,57 @@ def discard_in_flight() -> None:
 def _atomic_target(path: str | Path, overwrite: bool, suffix: str) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success it replaces `path`, on error it is removed.
 
-    The temporary name keeps `suffix` because ffmpeg picks the container from the extension.
+    The temporary name keeps `suffix` because ffmpeg picks the container from the extension. A filesystem
+    that refuses the write raises OutputStorageError naming `path`.
     """
     path = Path(path)
     if not overwrite and path.exists():
         raise FileExistsError(f"{path} already exists (pass overwrite=True to replace it)")
-    path.parent.mkdir(parents=True, exist_ok=True)
     # pid + random part: several ranks/threads may write next to each other at once.
     temp_path = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
     IN_FLIGHT.add(temp_path)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         yield temp_path
         os.chmod(temp_path, FILE_MODE)
         if overwrite:
             os.replace(temp_path, path)
         else:
             _publish_no_clobber(temp_path, path)
+        if getattr(_OUTPUT, "published", None) is not None:
+            _OUTPUT.published.append(path)
+    except Exception as err:
+        code = storage_errno(err)
+        if code is None or isinstance(err, OutputStorageError):
+            raise
+        raise OutputStorageError(code, os.strerror(code), str(path)) from err
     finally:
         # After a successful replace the temp name is gone; otherwise clean up whatever was written.
         IN_FLIGHT.discard(temp_path)
         with contextlib.suppress(FileNotFoundError):
             temp_path.unlink()
+
+
+@contextlib.contextmanager
+def one_output(files, overwrite: bool) -> Iterator[None]:
+    """The files of one output (video or image, latents, sidecar: `files`), written all or none.
+
+    When a write fails after others were published, those are removed, and with `overwrite` the older files of
+    the set too (a set partly replaced is no set): no sidecar marks something finished that is not, and nothing
+    orphaned is left. When nothing was published yet, nothing is touched.
+    """
+    outer, _OUTPUT.published = getattr(_OUTPUT, "published", None), []
+    published = _OUTPUT.published
+    try:
+        yield
+    except BaseException:
+        if published:
+            for path in (files if overwrite else published):
+                with contextlib.suppress(OSError):
+                    Path(path).unlink()
+        raise
+    finally:
+        _OUTPUT.published = outer
 
 
 def _publish_no_clobber(temp_path: Path, path: Path) -> None:
@@ -117,35 +178,54 @@ def write_mp4(
 
     if mp4_encoder_problem():  # before any file is made: one line naming what is missing and how to get it
         raise MissingEncoder(mp4_encoder_problem())
-    if not has_imageio_ffmpeg():  # an offline node may lack the wheel but have an ffmpeg on PATH
-        with _atomic_target(path, overwrite, suffix=".mp4") as temp_path:
-            write_with_path_ffmpeg(temp_path, frames, fps, int(crf))
-        return Path(path)
-
+    # imageio-ffmpeg's binary, else (an offline node may lack the wheel) an ffmpeg on PATH
+    exe = imageio_ffmpeg().get_ffmpeg_exe() if has_imageio_ffmpeg() else shutil.which("ffmpeg")
     with _atomic_target(path, overwrite, suffix=".mp4") as temp_path:
-        writer = imageio_ffmpeg().write_frames(
-            str(temp_path),
-            (width, height),
-            pix_fmt_in="rgb24",
-            pix_fmt_out="yuv420p",
-            fps=fps,
-            codec="libx264",
-            quality=None,  # None: imageio adds no -crf of its own; ours goes in output_params
-            macro_block_size=1,  # 1: never let imageio rescale the frames to a multiple of 16
-            ffmpeg_log_level="error",
-            output_params=["-crf", str(int(crf))],
-        )
-        writer.send(None)  # start the generator (launches ffmpeg)
-        try:
-            for frame in frames:
-                writer.send(frame)
-        finally:
-            # close() waits for ffmpeg to finish the file; it also runs on error so ffmpeg exits.
-            writer.close()
-        # imageio_ffmpeg does not check ffmpeg's exit status, so a failed encode shows up as a missing/empty file.
+        _encode_mp4(exe, temp_path, frames, fps, int(crf), path)
         if not temp_path.exists() or temp_path.stat().st_size == 0:
             raise RuntimeError(f"ffmpeg produced no output for {path} ({num_frames} frames of {height}x{width})")
     return Path(path)
+
+
+def _encode_mp4(exe, temp_path: Path, frames: np.ndarray, fps: int, crf: int, path) -> None:
+    """Encode frames (T, H, W, 3) to H.264 yuv420p in temp_path with ffmpeg, as imageio-ffmpeg's writer would (the
+    same arguments), but watching how ffmpeg ends: its messages are kept off the terminal and its exit status
+    decides, so that a failed write (a disk full mid-file: ffmpeg prints it, exits 228 and leaves a truncated file
+    that imageio-ffmpeg returns as done) raises, naming `path` and ffmpeg's last message."""
+    if exe is None:
+        raise MissingEncoder(MISSING)
+    _, height, width, _ = frames.shape
+    command = [exe, "-y", "-f", "rawvideo", "-vcodec", "rawvideo", "-s", f"{width}x{height}", "-pix_fmt", "rgb24",
+               "-r", str(fps), "-i", "-", "-an", "-vcodec", "libx264", "-pix_fmt", "yuv420p", "-v", "error",
+               "-crf", str(crf), str(temp_path)]
+    # A session of its own, as imageio-ffmpeg does: a Ctrl-C reaches this process, which stops ffmpeg itself.
+    process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               start_new_session=True)
+    messages = []
+    reader = threading.Thread(target=lambda: messages.append(process.stderr.read()), daemon=True)
+    reader.start()
+    try:
+        with contextlib.suppress(BrokenPipeError):  # ffmpeg stopped early: its status and messages say why
+            for frame in frames:
+                process.stdin.write(frame)
+            process.stdin.flush()
+        with contextlib.suppress(BrokenPipeError):
+            process.stdin.close()
+        status = process.wait()
+    except BaseException:  # Ctrl-C, SIGTERM: do not wait for the encode
+        process.kill()
+        process.wait()
+        raise
+    finally:
+        reader.join()
+        process.stderr.close()
+    if status:
+        text = b"".join(messages).decode(errors="replace").strip().splitlines()
+        # The cause is the line naming an errno's text when there is one (a full disk: "Error writing trailer: No
+        # space left on device"), else ffmpeg's last line.
+        cause = next((line for line in reversed(text) if _storage_errno_named(line)), None)
+        cause = cause or (text[-1] if text else "no message")
+        raise RuntimeError(f"ffmpeg exited with status {status} writing {path}: {cause.strip()}")
 
 
 def write_json_atomic(path: str | Path, obj: Any, overwrite: bool = True) -> Path:

@@ -23,7 +23,7 @@ from .geometry import (FPS, latent_shape, num_latent_frames, validate_dit_offloa
                        validate_request, validate_resolution)
 from .host_memory import HostParking
 from .output_paths import derived_path, media_path, output_files
-from .outputs import frames_to_pil, write_json_atomic, write_mp4, write_png, write_safetensors_atomic
+from .outputs import frames_to_pil, one_output, write_json_atomic, write_mp4, write_png, write_safetensors_atomic
 from .published import PUBLISHED_DIT_PARAMS, TEXT_TOKENS
 from .sampler import Schedule, load_schedule, sample
 from .weights import load_dit, resolve_weight_paths
@@ -270,26 +270,26 @@ class Kandinsky4T2VPipeline:
                       extra_metadata=None) -> Path:
         """Stage 6 (group main): MP4 (PNG for an image), optional latents, JSON sidecar, each atomic; returns the
         path of the video (or image) written."""
-        clock = time.perf_counter()
+        clock, frames = time.perf_counter(), generation.frames
         save_path = media_path(save_path, generation.request["time_length"])
-        frames = generation.frames
-        # Video, then latents, then the sidecar: the sidecar marks a finished output (batch resume).
-        if generation.request["time_length"] == 0:
-            write_png(save_path, frames[0], overwrite=overwrite)
-        else:
-            write_mp4(save_path, frames, fps=FPS, overwrite=overwrite)
-        if save_latents:
-            write_safetensors_atomic(derived_path(save_path, ".latents.safetensors"),
-                                     {"latents": generation.latents.cpu().contiguous()}, overwrite=overwrite)
-        timings = dict(generation.timings, write_s=time.perf_counter() - clock)
-        sidecar = {
-            **generation.request, "resolution": self.resolution,
-            "latent_frames": num_latent_frames(generation.request["time_length"]),
-            "video_frames": int(frames.shape[0]), "fps": FPS, "dtype": str(self.dtype).replace("torch.", ""),
-            "timesteps": list(self.schedule.timesteps), "timings": timings,
-            **self.metadata, **(extra_metadata or {}),
-        }
-        write_json_atomic(derived_path(save_path, ".json"), sidecar, overwrite=overwrite)
+        # Video, then latents, then the sidecar: the sidecar marks a finished output (batch resume). All or none.
+        with one_output(output_files(save_path, generation.request["time_length"], save_latents), overwrite):
+            if generation.request["time_length"] == 0:
+                write_png(save_path, frames[0], overwrite=overwrite)
+            else:
+                write_mp4(save_path, frames, fps=FPS, overwrite=overwrite)
+            if save_latents:
+                write_safetensors_atomic(derived_path(save_path, ".latents.safetensors"),
+                                         {"latents": generation.latents.cpu().contiguous()}, overwrite=overwrite)
+            timings = dict(generation.timings, write_s=time.perf_counter() - clock)
+            sidecar = {
+                **generation.request, "resolution": self.resolution,
+                "latent_frames": num_latent_frames(generation.request["time_length"]),
+                "video_frames": int(frames.shape[0]), "fps": FPS, "dtype": str(self.dtype).replace("torch.", ""),
+                "timesteps": list(self.schedule.timesteps), "timings": timings,
+                **self.metadata, **(extra_metadata or {}),
+            }
+            write_json_atomic(derived_path(save_path, ".json"), sidecar, overwrite=overwrite)
         return save_path
 
     @torch.no_grad()

@@ -1,8 +1,8 @@
 """Finding, validating and loading the published weights (docs/model.md "Weights layout").
 
-One load path for the DiT (after gpt-fast's `_load_model`): build on the meta
-device → read the checkpoint (mmap) → check every key and shape → assign → recompute
-derived buffers → move → eval. The checkpoint is checked against the model before a
+One load path for the DiT (after gpt-fast's `_load_model`): check the file itself (truncated, corrupt:
+checkpoint_check.py) → build on the meta device → read the checkpoint (mmap) → check every key and shape →
+assign → recompute derived buffers → move → eval. The checkpoint is checked against the model before a
 byte of it is materialised, so a wrong file fails with the offending key.
 """
 import contextlib
@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from . import fp8
+from .checkpoint_check import CheckpointError, check_checkpoint_file, check_dit_checkpoint
 from .dit import DiffusionTransformer3D
 from .published import COMPONENTS_REPO, DIT_FILENAME, DIT_REPO, PUBLISHED_DIT_PARAMS
 
@@ -21,10 +22,6 @@ log = logging.getLogger("k4flash")
 # Buffers derived from the config: a file may or may not carry them (docs/model.md "State-dict keys"),
 # we recompute.
 DERIVED_KEYS = ("rope_embeddings.args_0", "rope_embeddings.args_1", "rope_embeddings.args_2")
-
-
-class CheckpointError(ValueError):
-    """A DiT checkpoint that does not fit the model (missing/extra/misshaped key, unreadable file)."""
 
 
 # What makes a component folder loadable: every group must have at least one file present.
@@ -220,6 +217,7 @@ def read_checkpoint(path) -> dict:
     if path.suffix == ".safetensors":
         source = SafetensorsCheckpoint(path)
         return {key: source.reader(key)(None, None) for key in source.shapes}
+    check_checkpoint_file(path)  # its zip records, before unpickling anything
     try:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -253,6 +251,7 @@ class SafetensorsCheckpoint:
         from safetensors import safe_open
 
         self.path, self._open = str(path), safe_open
+        check_checkpoint_file(path)  # the header and every tensor's offsets against the file's size
         try:
             with safe_open(self.path, framework="pt") as f:
                 slices = {k: f.get_slice(k) for k in f.keys()}
@@ -385,6 +384,7 @@ def load_dit(params: dict, checkpoint_path, device="cpu", dtype=torch.float32, *
     """Build on meta (quantize="fp8": the big linears FP8 but for fp8_skip's blocks), check the file's keys and
     shapes, read it a tensor at a time onto `device` in `dtype` (FP8 weights as stored, or quantized here), eval."""
     fp8.validate_quantize(quantize, fp8_skip, params["num_blocks"])
+    check_dit_checkpoint(checkpoint_path, quantize)  # a truncated or corrupt file: before the model is built
     with torch.device("meta"):
         model = DiffusionTransformer3D(**params)
     if quantize == "fp8":

@@ -1,4 +1,4 @@
-"""Prompt batches: read a prompts file into jobs, name their outputs, know which are done.
+"""Prompt batches: read a prompts file into jobs, name their outputs, know which are done, and why a run stopped.
 
 Everything here runs before weights load: a bad line fails the run at once with its
 line number. Output names come from the line index and a slug of the prompt, never
@@ -38,6 +38,20 @@ class Job:
     def is_complete(self) -> bool:
         # The sidecar is written (atomically) after the video: both present = finished.
         return self.output_path.exists() and self.sidecar_path.exists()
+
+
+class StorageStop(RuntimeError):
+    """The outputs' filesystem refused a write (full, over quota, read-only): the run stopped there, every
+    finished output kept and nothing half-written left; exit status 1 (README "When things go wrong")."""
+
+
+def storage_stop_line(reason: str, jobs: list, batch: bool) -> str:
+    """Rank 0's `error:` line for a run stopped by `reason` (`cannot write <path>: No space left on device`)."""
+    if not batch:
+        return f"{reason}; nothing half-written is left: free space and run it again"
+    done = sum(job.is_complete() for job in jobs)
+    return (f"{reason}; the batch stopped with {done} of {len(jobs)} prompt(s) done (kept; nothing half-written is "
+            "left): free space and re-run the same command to resume")
 
 
 def slugify(text: str) -> str:

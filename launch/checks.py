@@ -127,7 +127,7 @@ def dit_params(cfg) -> dict:
 
 
 def check_weights(cfg) -> Path:
-    """The weights folder, built (tiny) or checked for completeness.
+    """The weights folder, built (tiny) or checked for completeness, its DiT file for truncation and corruption.
 
     With downloads allowed and online, missing files are fetched later, on rank 0 only (parallel/fetch.py).
     Run before the process group forms: transformers writes files on rank 0 only once one exists.
@@ -144,4 +144,10 @@ def check_weights(cfg) -> Path:
     if cfg.model.builtin or not cfg.download or os.environ.get("HF_HUB_OFFLINE"):
         from k4flash.weights import resolve_weight_paths
         resolve_weight_paths(weights_dir, download=False)
+    from k4flash.checkpoint_check import check_dit_checkpoint
+    from k4flash.published import DIT_FILENAME
+    # A truncated or corrupt DiT file here (the .safetensors copy the loader prefers, with dit.quantize=fp8 the FP8
+    # conversion too) is bad input on every rank alike, now: not an error on some rank mid-load, after the process
+    # group formed (k4flash/checkpoint_check.py reads headers only: milliseconds).
+    check_dit_checkpoint(weights_dir / DIT_FILENAME, cfg.dit.quantize)
     return weights_dir

@@ -14,6 +14,7 @@ import time
 from parallel.plan import env_world
 from parallel.status import ExitStatus
 
+from .batch import StorageStop
 from .checks import check_config
 from .lifecycle import catch_sigterm, ending, shutdown_if_started
 
@@ -53,7 +54,8 @@ def strip_launcher_args(argv: list) -> None:
 def run(cfg) -> None:
     """Run the configured generation(s) or server and exit with a status that says what happened.
 
-    0 done · 1 a prompt failed (batch: the others are written; non-finite latents) · 2 bad
+    0 done · 1 a prompt failed (batch: the others are written; non-finite latents), or the outputs' disk refused a
+    write (full, over quota, read-only: the run stops, finished outputs kept; re-run to resume) · 2 bad
     input, before anything loads · 3 another rank died, hung or failed (rank 0 names it)
     · 130 Ctrl-C · 143 SIGTERM (parallel/status.py). Every failure is one `error:` line from rank 0,
     finished outputs are kept, nothing half-written is left, and the process group is destroyed on
@@ -77,7 +79,7 @@ def run(cfg) -> None:
     except BaseException as err:  # noqa: B902 (every ending has its status; `ending` re-raises the rest)
         if isinstance(err, SystemExit):
             raise
-        code, message = ending(err)
+        code, message = (ExitStatus.PROMPT_FAILED, str(err)) if isinstance(err, StorageStop) else ending(err)
     finally:
         if on_main_thread:
             catch_sigterm(False)
@@ -86,8 +88,8 @@ def run(cfg) -> None:
         if is_main:
             sys.stderr.write(f"error: {message}\n")  # one write, never split by another rank's (see health._exit)
             sys.stderr.flush()
-        elif code == ExitStatus.BAD_INPUT:
-            # Every rank refuses bad input at once; the first to exit makes torchrun SIGTERM the others, which
-            # would cut rank 0 off before its line. The other ranks leave rank 0 a moment to print it.
+        elif code in (ExitStatus.BAD_INPUT, ExitStatus.PROMPT_FAILED):
+            # Every rank refuses bad input (or ends a failed batch) at once; the first to exit makes torchrun SIGTERM
+            # the others, which would cut rank 0 off before its line. The other ranks leave rank 0 a moment to print it.
             time.sleep(1.0)
         sys.exit(code)

@@ -1,9 +1,15 @@
 """mode=generate: the prompt loop. Load once, then each model group makes its share of the videos and its
-first rank writes them; returns how many prompts failed, summed over the ranks."""
+first rank writes them; returns how many prompts failed, summed over the ranks.
+
+A write that the outputs' filesystem refuses (full, over quota, read-only: k4flash.outputs.STORAGE_ERRNOS) is no
+prompt's fault and would fail every next one: the run stops. Each model group ends the video it is making (and
+writes it, if it fits), then stops before its next prompt; every rank leaves the mesh as after a finished batch,
+and StorageStop gives rank 0's one `error:` line and exit status 1. A re-run after freeing space resumes."""
 import logging
 import sys
 import time
 
+from .batch import StorageStop, storage_stop_line
 from .checks import check_weights, dit_params, read_jobs
 from .config import shown_config
 from .lifecycle import on_the_mesh
@@ -48,13 +54,16 @@ def generate_from_config(cfg) -> int:
 
     # 2. Join the plan's mesh, with heartbeats so that a failure names the rank at fault.
     def body(runtime, health):
-        failed = _generate(cfg, runtime, dtype, weights_dir, todo, health, offload, dit_offload)
-        if batch and runtime.is_main:
+        failed, stopped = _generate(cfg, runtime, dtype, weights_dir, todo, health, offload, dit_offload)
+        if batch and runtime.is_main and not stopped:
             done, wall_s = len(todo) - failed, time.perf_counter() - started
             log.info("batch finished in %.1f s: %d written, %d skipped (already done), %d failed; %.0f videos/hour",
                      wall_s, done, len(jobs) - len(todo), failed, 3600 * done / wall_s)
-        return failed
-    return on_the_mesh(cfg, plan, body)
+        return failed, stopped
+    failed, stopped = on_the_mesh(cfg, plan, body)
+    if stopped:  # raised off the mesh, on every rank alike: no rank takes another's ending for a failure
+        raise StorageStop(storage_stop_line(stopped, jobs, batch))
+    return failed
 
 
 def _written_log(runtime) -> logging.Logger:
@@ -70,7 +79,10 @@ def _written_log(runtime) -> logging.Logger:
     return written
 
 
-def _generate(cfg, runtime, dtype, weights_dir, todo, health, offload="none", dit_offload="none") -> int:
+def _generate(cfg, runtime, dtype, weights_dir, todo, health, offload="none", dit_offload="none") -> tuple:
+    """(prompts failed summed over the ranks, the refused write that stopped the run or None)."""
+    from k4flash.outputs import storage_errno
+
     # 3. Load T5, DiT, VAE once (the checkpoint is checked before it materialises); with
     # text_encoder.offload=after_encode the DiT waits until T5 has encoded and is gone.
     clock = time.perf_counter()
@@ -87,10 +99,12 @@ def _generate(cfg, runtime, dtype, weights_dir, todo, health, offload="none", di
     # 4. Each model group takes every dp_size-th job; its first rank decodes and writes. after_encode:
     # its first rank encodes all of them first, and T5 is freed before the DiT loads. dit.offload=during_decode:
     # the DiT leaves the GPU for each decode, to host memory, or for good before the group's last one.
-    failed = 0
+    failed, stop = 0, Stop(runtime)
     mine = todo[runtime.dp_rank::runtime.dp_size]
     embeds = pipe.encode_prompts([job.prompt for job in mine]) if offload == "after_encode" else [None] * len(mine)
     for n, (job, text_embed) in enumerate(zip(mine, embeds), 1):
+        if stop.agreed():  # a write was refused (here or on another group): no new prompt
+            break
         if health is not None:
             health.mark(f"prompt {job.index}")
         try:
@@ -111,11 +125,45 @@ def _generate(cfg, runtime, dtype, weights_dir, todo, health, offload="none", di
                 written_log.info("wrote %s (%s)", written,
                                  ", ".join(f"{k} {v:.2f}" for k, v in generation.timings.items()))
             except (OSError, ValueError) as err:  # one unwritable output must not sink the batch
+                if storage_errno(err) is not None:  # ... but a full disk stops it: every next one would fail too
+                    failed += stop.record(err)
+                    continue
                 if not batch:
                     raise
                 failed += _prompt_failed(job, err)
     failed = failed if pipe.is_group_main else 0
-    return health.total(failed) if health is not None else failed
+    # Every rank reaches the total (a store barrier) before the reason is read, so each reads the same one.
+    return (health.total(failed) if health is not None else failed), stop.reason()
+
+
+class Stop:
+    """A write the outputs' filesystem refused, seen by this rank or, through the launcher's store, by another."""
+
+    def __init__(self, runtime):
+        from parallel.store import RunStore
+
+        self.runtime, self.seen = runtime, None
+        self.store = RunStore.launcher("batch") if runtime.distributed else None
+
+    def record(self, err) -> int:
+        """Record this rank's refused write (the first one of the run is the one reported); returns 1 (a failed
+        prompt)."""
+        self.seen = self.seen or str(err).splitlines()[0]
+        if self.store is not None and self.store.add("stopped-claim", 1) == 1:
+            self.store.set("stopped", self.seen)
+        return 1
+
+    def agreed(self) -> bool:
+        """Whether this model group stops before its next prompt: one answer on each of its ranks (a rank stopping
+        alone would leave its peers in a collective that never completes)."""
+        seen = self.seen is not None or (self.store is not None and self.store.has("stopped"))
+        return self.runtime.any_in_group(seen)
+
+    def reason(self):
+        """After every rank's total: the first refused write of the run (`cannot write <path>: <why>`), or None."""
+        if self.store is None or not self.store.has("stopped-claim"):
+            return self.seen
+        return self.store.wait("stopped", 0.05, 30)  # set just after its claim
 
 
 def _prompt_failed(job, err) -> int:

@@ -3,12 +3,15 @@
 No torch, no process group: `launch/serve.py` runs the model and the HTTP routes around these.
 """
 import json
+import logging
 import time
 import uuid
 from pathlib import Path
 
 from k4flash.geometry import validate_request, validate_seed
 from k4flash.outputs import write_json_atomic
+
+log = logging.getLogger("k4flash")
 
 # What POST /v1/videos accepts. `model` and `input_reference` are what the openai client may send.
 REQUEST_FIELDS = ("prompt", "seconds", "size", "time_length", "width", "height", "seed", "model")
@@ -113,7 +116,10 @@ class VideoRecords:
 
     def save(self, record: dict) -> dict:
         self.records[record["id"]] = record
-        write_json_atomic(self.path(record["id"]), record, overwrite=True)
+        try:
+            write_json_atomic(self.path(record["id"]), record, overwrite=True)
+        except OSError as err:  # a full disk: the record lives on in memory (its file only serves a restart)
+            log.warning("video %s: its record was not saved: %s", record["id"], err)
         return record
 
     def update(self, video_id: str, **fields) -> dict:

@@ -9,6 +9,7 @@ into the .safetensors file this prefers.
 import torch
 
 from k4flash import fp8
+from k4flash.checkpoint_check import check_dit_checkpoint
 from k4flash.dit import DiffusionTransformer3D
 from k4flash.weights import check_checkpoint, open_checkpoint, owned_copy
 
@@ -24,6 +25,7 @@ def load_dit_sharded(params: dict, checkpoint_path, mesh, device="cpu", dtype=to
     (_, rank, world), (_, _, ulysses) = dit_mesh_coords(mesh)
     validate_plan_degrees(params, world, ulysses)  # before touching the file
     fp8.validate_quantize(quantize, fp8_skip, params["num_blocks"])
+    check_dit_checkpoint(checkpoint_path, quantize)  # a truncated or corrupt file: before the model is built
     with torch.device("meta"):
         model = DiffusionTransformer3D(**params)
     if quantize == "fp8":

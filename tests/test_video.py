@@ -83,36 +83,6 @@ def test_overwrite_false_raises_and_keeps_old_file(tmp_path):
     assert read_mp4_frames(target).shape[0] == 5
 
 
-def test_failing_writer_leaves_nothing(tmp_path, monkeypatch):
-    real_write_frames = imageio_ffmpeg.write_frames
-
-    def failing_write_frames(*args, **kwargs):
-        writer = real_write_frames(*args, **kwargs)  # the real ffmpeg, writing the real temp file
-
-        def generator():
-            writer.send(None)
-            try:
-                for _ in range(2):
-                    writer.send((yield))
-                raise OSError("disk full (simulated)")
-            finally:
-                writer.close()
-
-        return generator()
-
-    monkeypatch.setattr(imageio_ffmpeg, "write_frames", failing_write_frames)
-    target = tmp_path / "clip.mp4"
-    with pytest.raises(OSError, match="simulated"):
-        write_mp4(target, smooth_frames())
-    assert list(tmp_path.iterdir()) == []
-
-    # An existing file survives a failed overwrite untouched.
-    target.write_bytes(b"old")
-    with pytest.raises(OSError, match="simulated"):
-        write_mp4(target, smooth_frames())
-    assert target.read_bytes() == b"old" and list(tmp_path.iterdir()) == [target]
-
-
 @pytest.mark.parametrize(
     "frames, message",
     [
