@@ -45,7 +45,8 @@ def one_torch_thread():
 
 # The modules with the longest runs, first: with pytest-xdist (`-n`, `--dist loadfile`) each module runs whole on
 # one worker, so starting the long ones first keeps one of them from being the last thing the suite waits for.
-LONGEST_FIRST = ("test_plans.py", "test_tp.py", "test_faults.py", "test_serve.py", "test_batch.py", "test_fp8.py",
+LONGEST_FIRST = ("test_lost_node.py", "test_two_nodes.py", "test_plans.py", "test_tp.py", "test_faults.py",
+                 "test_serve.py", "test_batch.py", "test_fp8.py", "test_full_disk.py",
                  "test_vae_parallel.py", "test_offline_node.py", "test_bench.py", "test_dit_offload.py",
                  "test_launch.py", "test_browser.py", "test_readme.py", "test_slurm.py")
 
