@@ -353,7 +353,6 @@ def load_pipeline(device_map, resolution: int = 512, cache_dir="./weights/", dit
     except for the `fp8_skip` blocks (k4flash/fp8.py); the weights may be the bf16 checkpoint or its FP8 conversion.
     `dit_offload`: none or during_decode, where the DiT is while the VAE decodes (Kandinsky4T2VPipeline).
     """
-    from .text_encoder import T5TextEncoder
     from .vae import load_vae
 
     role = role or Role()
@@ -388,6 +387,7 @@ def load_pipeline(device_map, resolution: int = 512, cache_dir="./weights/", dit
     dit = load_dit_now if deferred else load_dit_now()
     text_encoder = vae = None
     if role.is_group_main:
+        from .text_encoder import T5TextEncoder  # transformers' T5 takes seconds to import: only an encoding rank pays
         text_encoder = T5TextEncoder(paths.text_encoder, paths.tokenizer, max_length=max_length,
                                      device=device_map["text_embedder"], dtype=dtype, offload=text_encoder_offload)
         if text_encoder.d_model != dit_params["in_text_dim"]:

@@ -34,6 +34,7 @@ def run_cli(overrides, capsys):
     with pytest.raises(SystemExit) as exit_info:
         run(cfg)
     stderr = capsys.readouterr().err
+    assert "Traceback" not in stderr, stderr  # one line, never a stack
     return exit_info.value.code, [line for line in stderr.splitlines() if line.startswith("error:")]
 
 

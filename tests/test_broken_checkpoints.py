@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from safetensors.torch import save_file
 
 import k4flash.dit
@@ -30,12 +29,10 @@ from k4flash.checkpoint_check import CheckpointError, check_checkpoint_file, che
 from k4flash.published import DIT_FILENAME
 from k4flash.tiny import TINY_DIT_PARAMS
 from k4flash.weights import load_dit, read_checkpoint
-from launch.cli import run
-from launch.config import register_configs
+from test_bad_input import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 ENTRY = ROOT / "run_inference_distil.py"
-CONF = ROOT / "conf"
 PT, ST = DIT_FILENAME, Path(DIT_FILENAME).with_suffix(".safetensors").name
 FP8 = Path(DIT_FILENAME).with_suffix(".fp8.safetensors").name
 RUN = ["model=tiny", "model.builtin=false", "download=false", "weights_dir=weights", "time_length=0", "width=512",
@@ -139,18 +136,6 @@ def recorder(monkeypatch):
 def written(workdir: Path) -> list:
     return sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*")
                   if p.is_file() and p.relative_to(workdir).parts[0] != "weights")
-
-
-def run_cli(overrides, capsys):
-    """(exit status, stderr's `error:` lines) of one in-process run of the CLI."""
-    register_configs()
-    with initialize_config_dir(version_base=None, config_dir=str(CONF)):
-        cfg = compose("config", overrides=overrides)
-    with pytest.raises(SystemExit) as exit_info:
-        run(cfg)
-    stderr = capsys.readouterr().err
-    assert "Traceback" not in stderr, stderr
-    return exit_info.value.code, [line for line in stderr.splitlines() if line.startswith("error:")]
 
 
 @pytest.mark.parametrize("case", CASES)

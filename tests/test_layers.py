@@ -207,15 +207,25 @@ def test_the_library_runs_without_parallel_and_the_facade_without_torch():
     assert result.returncode == 0, result.stderr[-2000:]
 
 
-def test_diffusers_is_imported_only_to_load_a_vae(tiny_weights):
-    """diffusers takes seconds to import, paid by every rank of every launch and by the test collection:
-    importing the library, parallel/ and the app loads it not at all; loading a VAE does."""
-    modules = [module_name(p) for folder in FLOORS
-               for p in sorted((ROOT / folder).glob("*.py")) if p.name not in ("__init__.py", "__main__.py")]
-    code = (f"import sys; import {', '.join(modules)}; assert 'diffusers' not in sys.modules, 'imported'; "
-            "import k4flash.vae as v; v.load_vae(sys.argv[1]); "
-            "assert 'diffusers' in sys.modules, 'never'")
-    result = subprocess.run([sys.executable, "-c", code, str(tiny_weights / "vae")], cwd=ROOT, capture_output=True,
+def test_diffusers_is_imported_only_to_load_a_vae_and_t5_only_to_encode(tiny_weights):
+    """diffusers and transformers' T5 take seconds each to import, paid by every rank of every launch and by the test
+    collection: importing the library (but its T5 wrapper), parallel/ and the app loads neither; a rank that loads the VAE but does not
+    encode (a multi-rank run's other ranks) loads diffusers and not T5; the rank that encodes loads T5."""
+    modules = [module_name(p) for folder in FLOORS for p in sorted((ROOT / folder).glob("*.py"))
+               if p.name not in ("__init__.py", "__main__.py") and module_name(p) != "k4flash.text_encoder"]
+    t5 = "transformers.models.t5.modeling_t5"
+    code = "\n".join([
+        f"import sys; import {', '.join(modules)}",
+        f"assert not {{'diffusers', '{t5}'}} & set(sys.modules), 'imported'",
+        "from k4flash.pipeline import Role, load_pipeline; from k4flash.tiny import TINY_DIT_PARAMS",
+        "class Other(Role): is_group_main = False",
+        "load = lambda role: load_pipeline('cpu', cache_dir=sys.argv[1], dit_params=TINY_DIT_PARAMS, download=False, "
+        "role=role)",
+        "load(Other())",
+        f"assert 'diffusers' in sys.modules and '{t5}' not in sys.modules, 'a rank that does not encode imported T5'",
+        "load(Role())",
+        f"assert '{t5}' in sys.modules, 'never'"])
+    result = subprocess.run([sys.executable, "-c", code, str(tiny_weights)], cwd=ROOT, capture_output=True,
                             text=True, timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert result.returncode == 0, result.stderr[-2000:]
 

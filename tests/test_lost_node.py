@@ -88,21 +88,34 @@ def _wait_for(path_glob, out: Path, nodes, timeout=240):
         time.sleep(0.05)
 
 
-def test_node_1_lost_is_named_by_node_0_and_a_rerun_redoes_only_the_rest(tmp_path, tiny_cache):
-    out = tmp_path / "out"
+def _lose(tmp_path, tiny_cache, node: int, written: str):
+    """Both nodes on a batch; once `written` is in out/, node `node` is killed whole. Returns the survivor's
+    (status, seconds from the fault to its exit, its `error:` lines, its output) and the store's port."""
     port, nodes = _both_nodes(tmp_path, tiny_cache)
+    survivor = nodes[1 - node]
     try:
-        _wait_for("00001-*.json", out, nodes)  # node 1's first video is written: it goes on to its next
-        fault = _kill_node(nodes[1][0])
-        status = nodes[0][0].wait(timeout=BOUND_S + 30)
+        _wait_for(written, tmp_path / "out", nodes)
+        fault = _kill_node(nodes[node][0])
+        status = survivor[0].wait(timeout=BOUND_S + 30)
         after_s = time.monotonic() - fault
     finally:
-        for process, _ in nodes:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
-    text = _output(nodes[0][1])
+        _stop(nodes)
+    text = _output(survivor[1])
     errors = [line for line in text.splitlines() if line.startswith("error:")]
-    print(f"\nnode 1 lost: node 0 exit {status} {after_s:.1f} s after the fault: {errors}")
+    print(f"\nnode {node} lost: node {1 - node} exit {status} {after_s:.1f} s after the fault: {errors}")
+    return status, after_s, errors, text, port
+
+
+def _stop(nodes):
+    for process, _ in nodes:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def test_node_1_lost_is_named_by_node_0_and_a_rerun_redoes_only_the_rest(tmp_path, tiny_cache):
+    out = tmp_path / "out"
+    # Node 1's first video is written: it goes on to its next, and is lost mid-video.
+    status, after_s, errors, text, _ = _lose(tmp_path, tiny_cache, 1, "00001-*.json")
     assert status == 3 and after_s < BOUND_S, (status, after_s, text[-3000:])
     assert len(errors) == 1 and re.search(
         r"^error: distributed run failed: ranks 2, 3 on node 1 \(.+\) died or froze.* the node is lost", errors[0]), \
@@ -119,29 +132,14 @@ def test_node_1_lost_is_named_by_node_0_and_a_rerun_redoes_only_the_rest(tmp_pat
     try:
         statuses = [process.wait(timeout=300) for process, _ in nodes]
     finally:
-        for process, _ in nodes:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
+        _stop(nodes)
     assert statuses == [0, 0], [_output(log)[-2000:] for _, log in nodes]
     again = _finished(out)
     assert len(again) == len(PROMPTS) and all(again[name] == mtime for name, mtime in finished.items())
 
 
 def test_node_0_lost_with_the_store_ends_node_1_with_its_own_line(tmp_path, tiny_cache):
-    out = tmp_path / "out"
-    port, nodes = _both_nodes(tmp_path, tiny_cache)
-    try:
-        _wait_for("00000-*.json", out, nodes)
-        fault = _kill_node(nodes[0][0])
-        status = nodes[1][0].wait(timeout=BOUND_S + 30)
-        after_s = time.monotonic() - fault
-    finally:
-        for process, _ in nodes:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
-    text = _output(nodes[1][1])
-    errors = [line for line in text.splitlines() if line.startswith("error:")]
-    print(f"\nnode 0 lost: node 1 exit {status} {after_s:.1f} s after the fault: {errors}")
+    status, after_s, errors, text, port = _lose(tmp_path, tiny_cache, 0, "00000-*.json")
     assert status == 3 and after_s < BOUND_S, (status, after_s, text[-3000:])
     assert len(errors) == 1 and errors[0].startswith(
         f"error: distributed run failed: the job's store at 127.0.0.1:{port} (node 0's launcher) stopped "
