@@ -208,9 +208,10 @@ def test_the_library_runs_without_parallel_and_the_facade_without_torch():
 
 
 def test_diffusers_is_imported_only_to_load_a_vae_and_t5_only_to_encode(tiny_weights):
-    """diffusers and transformers' T5 take seconds each to import, paid by every rank of every launch and by the test
-    collection: importing the library (but its T5 wrapper), parallel/ and the app loads neither; a rank that loads the VAE but does not
-    encode (a multi-rank run's other ranks) loads diffusers and not T5; the rank that encodes loads T5."""
+    """diffusers and transformers' T5 take seconds each to import, paid by every rank of every launch and by the
+    test collection: importing the library (but its T5 wrapper), parallel/ and the app loads neither; a rank that
+    loads the VAE but does not encode (a multi-rank run's other ranks) loads diffusers and not T5; the rank that
+    encodes loads T5."""
     modules = [module_name(p) for folder in FLOORS for p in sorted((ROOT / folder).glob("*.py"))
                if p.name not in ("__init__.py", "__main__.py") and module_name(p) != "k4flash.text_encoder"]
     t5 = "transformers.models.t5.modeling_t5"
