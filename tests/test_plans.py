@@ -290,6 +290,7 @@ def cli_runs(tmp_path_factory, tiny_cache):
     return runs
 
 
+@pytest.mark.slow  # six torchrun launches (17 ranks): minutes on 2 cores
 @pytest.mark.parametrize("name", [n for n in CLI_PLANS if n != "one"])
 def test_the_cli_runs_each_plan_with_the_one_rank_latents(name, cli_runs):
     result, out = cli_runs[name]
